@@ -1,0 +1,80 @@
+"""Reader of the paper's release (surkovv/sdxl-unbox, `checkpoints/<block>_k10_hidden5120_.../final/`).
+
+`config.json` {n_dirs_local, d_model, k, auxk, dead_steps_threshold}; `state_dict.pth` = torch pickle of
+{"state_dict": {encoder.weight [n, d], decoder.weight [d, n], pre_bias [d], latent_bias [n],
+stats_last_nonzero [n]}}; `mean.pt`, `std.pt` per-feature statistics of active activations.
+The block is read from the folder name (`unet.down_blocks.2.attentions.1_k10_...`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..blocks import block_from_text
+from ..errors import SAEFormatError
+from ..metadata import FeatureStats, SAEConfig
+from .common import assemble, load_pickle, read_json, require
+
+NAME = "paper"
+CONFIG_KEYS = ("n_dirs_local", "d_model", "k")
+
+
+def resolve(path: Path) -> Path | None:
+    """The release folder holding config.json and state_dict.pth, or None if `path` is not one."""
+    if path.is_file():
+        path = path.parent if path.name == "state_dict.pth" else None
+        if path is None:
+            return None
+    for folder in (path, path / "final"):
+        if (folder / "config.json").is_file() and (folder / "state_dict.pth").is_file():
+            return folder
+    return None
+
+
+def load(path) -> "SparseAutoencoder":  # noqa: F821
+    folder = resolve(Path(path))
+    if folder is None:
+        raise SAEFormatError(path, "not a paper release folder (needs config.json and state_dict.pth)")
+    cfg_path = folder / "config.json"
+    cfg = read_json(cfg_path)
+    missing = [k for k in CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise SAEFormatError(cfg_path, f"missing config keys {missing} of the paper's format")
+    n, d, k = int(cfg["n_dirs_local"]), int(cfg["d_model"]), int(cfg["k"])
+
+    sd_path = folder / "state_dict.pth"
+    loaded = load_pickle(sd_path)
+    sd = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(sd, dict):
+        raise SAEFormatError(sd_path, f"expected a dict of tensors, found {type(loaded).__name__}")
+
+    block = block_from_text(str(folder.resolve()))
+    hyper = {key: cfg[key] for key in ("auxk", "dead_steps_threshold") if key in cfg}
+    config = SAEConfig(
+        architecture="topk",
+        d_in=d,
+        n_features=n,
+        k=k,
+        apply_b_dec_to_input=True,
+        block=block.short if block else None,
+        base_model="sdxl-turbo",
+        hook="update",
+        source_format=NAME,
+        hyperparameters=hyper,
+    )
+    stats = FeatureStats()
+    for name, attr in (("mean.pt", "mean"), ("std.pt", "std")):
+        if (folder / name).is_file():
+            t = load_pickle(folder / name)
+            if not hasattr(t, "shape") or tuple(t.shape) != (n,):
+                raise SAEFormatError(folder / name, f"expected a tensor of shape [{n}], found {getattr(t, 'shape', type(t).__name__)}")
+            setattr(stats, attr, t.float())
+    return assemble(
+        sd_path,
+        config,
+        W_enc=require(sd_path, sd, "encoder.weight", (n, d)),
+        b_enc=require(sd_path, sd, "latent_bias", (n,)),
+        W_dec=require(sd_path, sd, "decoder.weight", (d, n)).T,
+        b_dec=require(sd_path, sd, "pre_bias", (d,)),
+        stats=stats,
+    )
