@@ -1,0 +1,109 @@
+"""Checks and conversions shared by the nodes. Every error names the node and what is wrong, and is
+raised when the node runs, which is before the sampler that uses its MODEL starts."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from comfy_api.latest import io
+
+from ..sae_models.blocks import SHORT_NAMES, Block, find_block
+from .patch import block_channels
+from .sae_handle import SAEHandle
+
+CATEGORY = "sae_unbox"
+AUTO = "auto (the SAE's block)"
+BLOCK_CHOICES = [AUTO, *SHORT_NAMES]
+TARGET_CHOICES = ["cond", "uncond", "both"]
+
+SAE = io.Custom("SAE")
+SAE_PROBE = io.Custom("SAE_PROBE")
+
+
+class NodeInputError(ValueError):
+    """Bad input to a node, reported as '<node>: <what is wrong>'."""
+
+    def __init__(self, node: str, message: str):
+        super().__init__(f"{node}: {message}")
+
+
+def resolve_block(node: str, handle: SAEHandle, choice: str, model=None) -> Block:
+    """The block an SAE is attached to: the node's choice, or the block recorded in the SAE; checked
+    against the SAE's d_in and, when a model is given, against the block's channels in that model."""
+    if choice and choice != AUTO:
+        block = find_block(choice)
+        if block is None:
+            raise NodeInputError(node, f"unknown block {choice!r}; choose one of {', '.join(SHORT_NAMES)}")
+    else:
+        block = find_block(handle.sae.config.block) if handle.sae.config.block else None
+        if block is None:
+            raise NodeInputError(
+                node, f"SAE {handle.name} does not record which block it was trained on; choose the block on the node"
+            )
+    if handle.sae.config.hook != "update":
+        raise NodeInputError(
+            node,
+            f"SAE {handle.name} was trained on the block's {handle.sae.config.hook}; this pack's patches read "
+            "the block's update (output minus input), as the paper's SAEs do",
+        )
+    if model is not None:
+        channels = block_channels(model, block)
+        if channels is None:
+            raise NodeInputError(node, f"the MODEL has no transformer block {block.comfy} ({block.short}); is it SDXL?")
+        if channels != handle.sae.d_in:
+            raise NodeInputError(
+                node,
+                f"SAE {handle.name} has d_in={handle.sae.d_in} but block {block.short} ({block.comfy}) of this "
+                f"MODEL has {channels} channels",
+            )
+    return block
+
+
+_FEATURE = re.compile(r"^\s*(\d+)\s*(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?\s*$")
+
+
+def parse_features(node: str, text: str, n_features: int, default: float) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """'12, 345:2.5' -> ((12, 345), (default, 2.5)). Every index is checked against the SAE's size."""
+    features, strengths = [], []
+    for item in re.split(r"[,;\s]+", re.sub(r"\s*:\s*", ":", text or "")):
+        if not item:
+            continue
+        m = _FEATURE.match(item)
+        if not m:
+            raise NodeInputError(node, f"cannot read feature {item!r}; write indices like '12, 345:2.5'")
+        f = int(m.group(1))
+        if f >= n_features:
+            raise NodeInputError(node, f"feature {f} is out of range: the SAE has features 0..{n_features - 1}")
+        features.append(f)
+        strengths.append(float(m.group(2)) if m.group(2) else default)
+    if not features:
+        raise NodeInputError(node, "no feature given")
+    if len(set(features)) != len(features):
+        raise NodeInputError(node, f"a feature is listed twice in {text!r}")
+    return tuple(features), tuple(strengths)
+
+
+def sigma_range(node: str, model, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """Convert a start/end percent of denoising into sigmas with the model's own schedule."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise NodeInputError(node, f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
+    ms = model.get_model_object("model_sampling")
+    start = math.inf if start_percent <= 0.0 else float(ms.percent_to_sigma(start_percent))
+    end = 0.0 if end_percent >= 1.0 else float(ms.percent_to_sigma(end_percent))
+    return start, end
+
+
+def parse_steps(node: str, text: str) -> frozenset | None:
+    """'all' -> None; '0, 2-4' -> {0, 2, 3, 4}."""
+    text = (text or "").strip().lower()
+    if text in ("", "all", "*"):
+        return None
+    steps = set()
+    for part in re.split(r"[,\s]+", text):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise NodeInputError(node, f"cannot read steps {text!r}; write 'all' or e.g. '0, 2-4'")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        steps.update(range(a, b + 1))
+    return frozenset(steps)

@@ -1,0 +1,77 @@
+"""Load SAE: an SAE file or folder from `models/sae`, in any format `sae_models` reads."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from .. import sae_models
+from ..sae_models.formats import list_saes
+from .common import CATEGORY, SAE, NodeInputError
+from .sae_folder import FOLDER
+from .sae_handle import SAEHandle
+
+NODE = "Load SAE"
+
+
+def available_saes() -> list[str]:
+    names: list[str] = []
+    for root in folder_paths.get_folder_paths(FOLDER):
+        names.extend(list_saes(root))
+    return sorted(set(names))
+
+
+def resolve_sae_path(name: str) -> str:
+    for root in folder_paths.get_folder_paths(FOLDER):
+        path = os.path.join(root, *name.split("/"))
+        if os.path.exists(path):
+            return path
+    roots = ", ".join(folder_paths.get_folder_paths(FOLDER))
+    raise NodeInputError(NODE, f"{name!r} is not in the SAE folders ({roots})")
+
+
+class LoadSAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UnboxLoadSAE",
+            display_name="Load SAE",
+            category=CATEGORY,
+            description="Load a sparse autoencoder from ComfyUI/models/sae: the pack's .safetensors files, the "
+            "paper's release folders as they are, SAELens, EleutherAI sparsify or dictionary_learning folders.",
+            inputs=[
+                io.Combo.Input(
+                    "sae_name",
+                    options=available_saes(),
+                    tooltip="A file or folder under models/sae. Paper SAEs: put each release folder "
+                    "(unet.<block>_k10_hidden5120_...) there unchanged.",
+                ),
+            ],
+            outputs=[SAE.Output(display_name="SAE")],
+        )
+
+    @classmethod
+    def execute(cls, sae_name) -> io.NodeOutput:
+        path = resolve_sae_path(sae_name)
+        try:
+            sae = sae_models.load(path)
+        except sae_models.SAEError as e:
+            raise NodeInputError(NODE, str(e)) from None
+        handle = SAEHandle(sae, sae_name, path)
+        return io.NodeOutput(handle, ui={"text": [handle.describe()]})
+
+    @classmethod
+    def fingerprint_inputs(cls, sae_name):
+        # Reload when the file changes on disk.
+        try:
+            path = resolve_sae_path(sae_name)
+        except NodeInputError:
+            return sae_name
+        stamps = []
+        for dirpath, _, files in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [os.path.basename(path)])]:
+            for f in sorted(files):
+                st = os.stat(os.path.join(dirpath, f))
+                stamps.append((f, st.st_mtime_ns, st.st_size))
+        return str(stamps)

@@ -1,0 +1,190 @@
+"""The pack's one patching mechanism.
+
+Every probing, steering and dumping node adds an *edit* to a MODEL through `attach_edit`. The edits of a
+MODEL live in one immutable `BlockPatch`, registered on the ModelPatcher as a keyed DIFFUSION_MODEL
+wrapper. For the duration of one call of the UNet, the wrapper puts a forward hook on each transformer
+block that has edits; the hook reads the block's input and output, hands the update (output minus
+input) to the edits in the order they were added, and returns `input + edited update`. The hooks are
+removed in `finally`, so none survives the call, an exception or an interrupt.
+
+A ModelPatcher clone shares the wrapper object (ComfyUI copies wrapper lists shallowly), and adding an
+edit builds a new BlockPatch on the new clone only, so the parent MODEL and its other clones are never
+affected. SAE weights are referenced, not copied; they are attached as additional models so that
+ComfyUI moves them to the sampling device with the UNet and offloads them after.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from comfy.patcher_extension import WrappersMP
+
+from ..sae_models.blocks import Block
+
+KEY = "comfyui-sae-unbox"
+TARGETS = ("cond", "uncond", "both")
+
+
+@dataclass
+class CallInfo:
+    """What an edit knows about the current UNet call."""
+
+    sigma: float
+    step: int | None  # index in the sampler's schedule, None when unknown
+    n_steps: int | None
+    row_kind: list[int]  # per batch row: 0 = cond, 1 = uncond (ComfyUI's cond_or_uncond)
+    row_image: list[int]  # per batch row: index of the image within its cond/uncond chunk
+    schedule: object = None  # the sampler's sigmas tensor; a new object means a new sampling run
+
+    def rows(self, target: str) -> list[int]:
+        if target == "both":
+            return list(range(len(self.row_kind)))
+        want = 0 if target == "cond" else 1
+        return [r for r, k in enumerate(self.row_kind) if k == want]
+
+    @classmethod
+    def from_call(cls, x: torch.Tensor, transformer_options: dict) -> "CallInfo":
+        sigmas = transformer_options.get("sigmas")
+        sigma = float(sigmas.max()) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else math.nan
+        schedule = transformer_options.get("sample_sigmas")
+        step = n_steps = None
+        if isinstance(schedule, torch.Tensor) and schedule.numel() > 1 and not math.isnan(sigma):
+            n_steps = schedule.numel() - 1
+            step = int((schedule[:-1].float().cpu() - sigma).abs().argmin())
+        batch = x.shape[0]
+        chunks = list(transformer_options.get("cond_or_uncond") or [0])
+        per_chunk = max(batch // len(chunks), 1)
+        row_kind = [chunks[min(r // per_chunk, len(chunks) - 1)] for r in range(batch)]
+        row_image = [r % per_chunk for r in range(batch)]
+        return cls(sigma, step, n_steps, row_kind, row_image, schedule)
+
+
+@dataclass(frozen=True, eq=False)
+class Edit:
+    """Base of everything that hooks a block. Subclasses implement `apply`.
+
+    `target` picks cond, uncond or both rows; an edit is active while `sigma_end <= sigma <= sigma_start`
+    (the nodes derive these from start/end percent with the model's own sampling schedule).
+    """
+
+    block: Block
+    target: str = "cond"
+    sigma_start: float = math.inf
+    sigma_end: float = 0.0
+
+    def active(self, info: CallInfo) -> bool:
+        if math.isnan(info.sigma):
+            return True
+        return self.sigma_end <= info.sigma <= self.sigma_start
+
+    def sae_handles(self) -> tuple:
+        """The SAEs this edit uses (attached to the MODEL so ComfyUI manages their memory)."""
+        return ()
+
+    def apply(self, update: torch.Tensor, info: CallInfo) -> torch.Tensor | None:
+        """Given the block's update `[B, H, W, C]`, return the edited update, or None for no change."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BlockPatch:
+    """The DIFFUSION_MODEL wrapper: an immutable tuple of edits, grouped by block when called."""
+
+    edits: tuple[Edit, ...] = ()
+    _by_block: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        for e in self.edits:
+            self._by_block.setdefault(e.block.comfy, []).append(e)
+
+    def __call__(self, executor, x, *args, **kwargs):
+        transformer_options = _find_transformer_options(args, kwargs)
+        info = CallInfo.from_call(x, transformer_options)
+        unet = executor.class_obj
+        handles = []
+        try:
+            for path, edits in self._by_block.items():
+                module = unet.get_submodule(path)
+                handles.append(module.register_forward_hook(_BlockHook(edits, info), with_kwargs=True))
+            return executor(x, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class _BlockHook:
+    def __init__(self, edits, info: CallInfo):
+        self.edits = edits
+        self.info = info
+
+    def __call__(self, module, args, kwargs, output):
+        x_in = args[0] if args else kwargs["x"]
+        update = (output - x_in).permute(0, 2, 3, 1)  # [B, H, W, C]
+        changed = False
+        for edit in self.edits:
+            if not edit.active(self.info):
+                continue
+            new = edit.apply(update, self.info)
+            if new is not None:
+                update, changed = new, True
+        if not changed:
+            return None  # leave the block's output untouched (bit-identical)
+        return x_in + update.permute(0, 3, 1, 2).to(output.dtype)
+
+
+def _find_transformer_options(args, kwargs) -> dict:
+    # DIFFUSION_MODEL wrappers are called as (x, timesteps, context, y, control, transformer_options, **kw)
+    if "transformer_options" in kwargs:
+        return kwargs["transformer_options"]
+    for a in args:
+        if isinstance(a, dict) and ("cond_or_uncond" in a or "sigmas" in a or "wrappers" in a):
+            return a
+    return {}
+
+
+def current_patch(model) -> BlockPatch | None:
+    found = model.get_wrappers(WrappersMP.DIFFUSION_MODEL, KEY)
+    return found[-1] if found else None
+
+
+def attach_edit(model, edit: Edit):
+    """A clone of `model` (a ComfyUI ModelPatcher) with `edit` added after its existing edits."""
+    m = model.clone()
+    old = current_patch(m)
+    patch = BlockPatch((old.edits if old else ()) + (edit,))
+    m.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
+    m.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, patch)
+    handles = {}
+    for e in patch.edits:
+        for h in e.sae_handles():
+            handles[id(h)] = h
+    patchers = [h.patcher(m) for h in handles.values()]
+    if patchers:
+        m.set_additional_models(KEY, patchers)
+    return m
+
+
+def unet_module(model, block: Block):
+    """The transformer block's module inside a ModelPatcher's diffusion model (None if absent)."""
+    try:
+        return model.get_model_object("diffusion_model").get_submodule(block.comfy)
+    except AttributeError:
+        return None
+
+
+def block_channels(model, block: Block) -> int | None:
+    """Channels of the block in this model (1280 for SDXL's paper blocks), read from its weights."""
+    module = unet_module(model, block)
+    if module is None:
+        return None
+    proj = getattr(module, "proj_in", None)
+    if proj is not None and hasattr(proj, "weight"):
+        return int(proj.weight.shape[1])
+    norm = getattr(module, "norm", None)
+    return int(norm.weight.shape[0]) if norm is not None and getattr(norm, "weight", None) is not None else None
+
+
+__all__ = ["KEY", "TARGETS", "BlockPatch", "CallInfo", "Edit", "attach_edit", "block_channels", "current_patch", "unet_module"]

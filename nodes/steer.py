@@ -1,0 +1,113 @@
+"""Steer features and Reconstruct through the SAE: edits of one block's update during sampling."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..sae_models.steering import MODES
+from .common import (
+    BLOCK_CHOICES, CATEGORY, SAE, TARGET_CHOICES, AUTO, NodeInputError, parse_features, resolve_block, sigma_range,
+)
+from .edits import ReconstructEdit, SteerEdit
+from .patch import attach_edit
+
+STEER = "SAE Steer Features"
+RECONSTRUCT = "SAE Reconstruct Block"
+UNITS = ["mean activation", "absolute"]
+
+
+def _range_inputs():
+    return [
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Start of the edit, as a fraction of denoising (0 = first step)."),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="End of the edit, as a fraction of denoising (1 = last step)."),
+        io.Combo.Input("apply_to", options=TARGET_CHOICES, default="cond",
+                       tooltip="Edit the positive (cond) rows, the negative (uncond) rows of CFG, or both."),
+        io.Mask.Input("mask", optional=True,
+                      tooltip="Where to edit. Any size: it is averaged over the block's grid "
+                              "(16x16 for the paper's blocks at 512x512)."),
+    ]
+
+
+class SteerFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UnboxSteerFeatures",
+            display_name="SAE Steer Features",
+            category=CATEGORY,
+            description="Turn SAE features on or off inside a transformer block while the model samples. "
+            "add: add strength x mean x d_f at every position (the paper's paint); ablate: remove strength x the "
+            "feature's own contribution where it fires (1 = all of it); set: clamp its code to strength x mean; replace: replace the block's "
+            "whole update by strength x mean x d_f (the paper's feature icons use k = 10). The SAE's "
+            "reconstruction error is kept, so what is not edited is not changed.",
+            inputs=[
+                io.Model.Input("model"),
+                SAE.Input("sae"),
+                io.String.Input("features", default="0",
+                                tooltip="Feature indices, comma separated; 'f:s' gives feature f its own strength."),
+                io.Float.Input("strength", default=1.0, min=-1000.0, max=1000.0, step=0.1,
+                               tooltip="In units of each feature's mean activation (0 does nothing)."),
+                io.Combo.Input("mode", options=list(MODES), default="add"),
+                io.Combo.Input("block", options=BLOCK_CHOICES, default=AUTO),
+                io.Combo.Input("units", options=UNITS, default=UNITS[0],
+                               tooltip="'mean activation' multiplies strengths by the feature's mean activation "
+                                       "(from the SAE's statistics); 'absolute' uses them as raw codes."),
+                *_range_inputs(),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, sae, features, strength, mode, block, units, start_percent, end_percent, apply_to,
+                mask=None) -> io.NodeOutput:
+        blk = resolve_block(STEER, sae, block, model)
+        feats, strengths = parse_features(STEER, features, sae.sae.n_features, strength)
+        if mode == "ablate":
+            amounts = strengths  # the fraction of each feature's contribution to remove
+        elif units == UNITS[0]:
+            mean = sae.mean
+            if mean is None:
+                raise NodeInputError(
+                    STEER,
+                    f"SAE {sae.name} has no per-feature mean statistics, so strengths cannot be in mean units; "
+                    "set units to 'absolute' (raw codes)",
+                )
+            amounts = tuple(s * float(mean[f]) for f, s in zip(feats, strengths))
+        else:
+            amounts = strengths
+        if all(a == 0 for a in amounts):
+            return io.NodeOutput(model)  # strength 0 is a no-op: the MODEL is passed on untouched
+        s_start, s_end = sigma_range(STEER, model, start_percent, end_percent)
+        edit = SteerEdit(block=blk, target=apply_to, sigma_start=s_start, sigma_end=s_end, handle=sae, mask=mask,
+                         mode=mode, features=feats, amounts=amounts)
+        return io.NodeOutput(attach_edit(model, edit))
+
+
+class ReconstructBlock(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UnboxReconstructBlock",
+            display_name="SAE Reconstruct Block",
+            category=CATEGORY,
+            description="Replace a block's update by the SAE's reconstruction, to see what the SAE keeps and "
+            "what it loses. With keep_error the error term is added back (the image should not change).",
+            inputs=[
+                io.Model.Input("model"),
+                SAE.Input("sae"),
+                io.Combo.Input("block", options=BLOCK_CHOICES, default=AUTO),
+                io.Boolean.Input("keep_error", default=False),
+                *_range_inputs(),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, sae, block, keep_error, start_percent, end_percent, apply_to, mask=None):
+        blk = resolve_block(RECONSTRUCT, sae, block, model)
+        s_start, s_end = sigma_range(RECONSTRUCT, model, start_percent, end_percent)
+        edit = ReconstructEdit(block=blk, target=apply_to, sigma_start=s_start, sigma_end=s_end, handle=sae,
+                               mask=mask, keep_error=keep_error)
+        return io.NodeOutput(attach_edit(model, edit))

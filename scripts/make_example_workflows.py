@@ -1,0 +1,202 @@
+"""Write the example workflows in `example_workflows/` (ComfyUI's UI format, as its frontend saves them).
+
+The workflows are data; this script is how they are kept consistent. Run it after changing a node's
+widgets: `python scripts/make_example_workflows.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "example_workflows"
+CHECKPOINT = "sd_xl_turbo_1.0_fp16.safetensors"
+RELEASE = "unet.{}_k10_hidden5120_auxk256_bs4096_lr0.0001"
+PAPER_SAES = {
+    "down.2.1": RELEASE.format("down_blocks.2.attentions.1"),
+    "mid.0": RELEASE.format("mid_block.attentions.0"),
+    "up.0.0": RELEASE.format("up_blocks.0.attentions.0"),
+    "up.0.1": RELEASE.format("up_blocks.0.attentions.1"),
+}
+AUTO = "auto (the SAE's block)"
+
+# Output sockets of the node types used here: (name, type).
+OUTPUTS = {
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+    "EmptyLatentImage": [("LATENT", "LATENT")],
+    "KSampler": [("LATENT", "LATENT")],
+    "VAEDecode": [("IMAGE", "IMAGE")],
+    "SaveImage": [],
+    "SolidMask": [("MASK", "MASK")],
+    "MaskComposite": [("MASK", "MASK")],
+    "UnboxLoadSAE": [("SAE", "SAE")],
+    "UnboxSteerFeatures": [("MODEL", "MODEL")],
+    "UnboxReconstructBlock": [("MODEL", "MODEL")],
+    "UnboxProbeBlock": [("MODEL", "MODEL"), ("probe", "SAE_PROBE")],
+    "UnboxFeatureHeatmap": [("overlay", "IMAGE"), ("heat", "MASK")],
+    "UnboxTopFeatures": [("grid", "IMAGE"), ("json", "STRING")],
+}
+# Socket (non-widget) inputs: (name, type).
+INPUTS = {
+    "CLIPTextEncode": [("clip", "CLIP")],
+    "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                 ("latent_image", "LATENT")],
+    "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")],
+    "SaveImage": [("images", "IMAGE")],
+    "MaskComposite": [("destination", "MASK"), ("source", "MASK")],
+    "UnboxSteerFeatures": [("model", "MODEL"), ("sae", "SAE"), ("mask", "MASK")],
+    "UnboxReconstructBlock": [("model", "MODEL"), ("sae", "SAE"), ("mask", "MASK")],
+    "UnboxProbeBlock": [("model", "MODEL"), ("sae", "SAE"), ("probe", "SAE_PROBE")],
+    "UnboxFeatureHeatmap": [("probe", "SAE_PROBE"), ("image", "IMAGE")],
+    "UnboxTopFeatures": [("probe", "SAE_PROBE"), ("image", "IMAGE"), ("mask", "MASK")],
+}
+
+
+class Graph:
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def add(self, type_, widgets, pos, title=None, **inputs):
+        """Add a node; `inputs` map socket names to (node, output slot)."""
+        nid = len(self.nodes) + 1
+        node = {
+            "id": nid, "type": type_, "pos": list(pos), "size": [320, 60 + 26 * max(1, len(widgets))],
+            "flags": {}, "order": nid - 1, "mode": 0,
+            "inputs": [], "outputs": [],
+            "properties": {"Node name for S&R": type_}, "widgets_values": widgets,
+        }
+        if title:
+            node["title"] = title
+        for name, typ in INPUTS.get(type_, []):
+            link = None
+            if name in inputs:
+                src, slot = inputs[name]
+                link = len(self.links) + 1
+                self.links.append([link, src["id"], slot, nid, len(node["inputs"]), typ])
+                src["outputs"][slot]["links"].append(link)
+            node["inputs"].append({"name": name, "type": typ, "link": link})
+        node["outputs"] = [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(OUTPUTS[type_])]
+        self.nodes.append(node)
+        return node
+
+    def to_json(self, title: str, note: str) -> dict:
+        return {
+            "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+            "extra": {"title": title, "description": note}, "version": 0.4,
+        }
+
+
+def base(g: Graph, prompt: str, x=0):
+    ckpt = g.add("CheckpointLoaderSimple", [CHECKPOINT], (x, 0))
+    pos = g.add("CLIPTextEncode", [prompt], (x + 380, 0), title="Prompt", clip=(ckpt, 1))
+    neg = g.add("CLIPTextEncode", [""], (x + 380, 220), title="Negative (unused at cfg 1)", clip=(ckpt, 1))
+    latent = g.add("EmptyLatentImage", [512, 512, 1], (x + 380, 420))
+    return ckpt, pos, neg, latent
+
+
+def sample(g: Graph, model, pos, neg, latent, vae, prefix, x, seed=42):
+    # SDXL Turbo: one step, no classifier-free guidance (cfg 1), as in the paper.
+    ks = g.add("KSampler", [seed, "fixed", 1, 1.0, "euler_ancestral", "sgm_uniform", 1.0], (x, 0),
+               model=model, positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0))
+    dec = g.add("VAEDecode", [], (x, 320), samples=(ks, 0), vae=vae)
+    g.add("SaveImage", [prefix], (x, 440), images=(dec, 0))
+    return dec
+
+
+def explore() -> dict:
+    g = Graph()
+    ckpt, pos, neg, latent = base(g, "a photo of a colorful bird sitting on a branch, sunset")
+    model, probe = (ckpt, 0), None
+    y = 600
+    for block, folder in PAPER_SAES.items():
+        sae = g.add("UnboxLoadSAE", [folder], (0, y), title=f"SAE {block}")
+        kw = {"probe": (probe, 1)} if probe else {}
+        probe = g.add("UnboxProbeBlock", [AUTO, "all", "cond"], (380, y), title=f"Probe {block}",
+                      model=model, sae=(sae, 0), **kw)
+        model, y = (probe, 0), y + 200
+    dec = sample(g, model, pos, neg, latent, (ckpt, 2), "sae_explore/image", 800)
+    for i, block in enumerate(PAPER_SAES):
+        top = g.add("UnboxTopFeatures", [9, block, -1, 0, 3, "inferno", 0.6, f"sae_explore/top_features"],
+                    (1200, i * 380), title=f"Top features {block}", probe=(probe, 1), image=(dec, 0))
+        g.add("SaveImage", [f"sae_explore/top_{block}"], (1600, i * 380), images=(top, 0))
+    heat = g.add("UnboxFeatureHeatmap", [0, "down.2.1", -1, "inferno", 0.6, "image max"], (1200, 1560),
+                 title="Heatmap of one feature (set its index)", probe=(probe, 1), image=(dec, 0))
+    g.add("SaveImage", ["sae_explore/heatmap"], (1600, 1560), images=(heat, 0))
+    return g.to_json("Explore: heatmaps and top features of the paper's four blocks",
+                     "SDXL Turbo, 1 step. Probes record the SAE codes of down.2.1, mid.0, up.0.0 and up.0.1; "
+                     "Top Features ranks each block's features over the image and saves the ranking as JSON.")
+
+
+def steer_workflow(mode: str, features: str, strength: float, block: str, prompt: str, title: str, note: str,
+                   painted: bool = False, prefix: str = "") -> dict:
+    g = Graph()
+    ckpt, pos, neg, latent = base(g, prompt)
+    sae = g.add("UnboxLoadSAE", [PAPER_SAES[block]], (0, 600), title=f"SAE {block}")
+    kw = {}
+    if painted:
+        # A painted region: replace these two nodes by your own MASK (e.g. Load Image's mask editor).
+        empty = g.add("SolidMask", [0.0, 512, 512], (0, 800), title="Canvas")
+        brush = g.add("SolidMask", [1.0, 256, 256], (0, 960), title="Painted square")
+        mask = g.add("MaskComposite", [128, 128, "add"], (380, 880), destination=(empty, 0), source=(brush, 0))
+        kw["mask"] = (mask, 0)
+    steer = g.add("UnboxSteerFeatures", [features, strength, mode, AUTO, "mean activation", 0.0, 1.0, "cond"],
+                  (380, 600), title=f"Steer ({mode})", model=(ckpt, 0), sae=(sae, 0), **kw)
+    sample(g, (ckpt, 0), pos, neg, latent, (ckpt, 2), f"{prefix}/original", 800)
+    sample(g, (steer, 0), pos, neg, latent, (ckpt, 2), f"{prefix}/steered", 1200)
+    return g.to_json(title, note)
+
+
+def feature_icon() -> dict:
+    g = Graph()
+    ckpt, pos, neg, latent = base(g, "")
+    sae = g.add("UnboxLoadSAE", [PAPER_SAES["down.2.1"]], (0, 600), title="SAE down.2.1")
+    steer = g.add("UnboxSteerFeatures", ["0", 10.0, "replace", AUTO, "mean activation", 0.0, 1.0, "cond"],
+                  (380, 600), title="Feature turned on (replace, k x mean)", model=(ckpt, 0), sae=(sae, 0))
+    sample(g, (steer, 0), pos, neg, latent, (ckpt, 2), "sae_feature_icon/feature", 800)
+    return g.to_json("Feature icon", "The paper's visualisation of one feature: empty prompt, one step, the block's "
+                     "update replaced by k x mean x the feature's direction. Change the feature index to browse.")
+
+
+def reconstruct() -> dict:
+    g = Graph()
+    ckpt, pos, neg, latent = base(g, "a cozy cabin in a snowy forest at night, warm light in the windows")
+    model = (ckpt, 0)
+    for i, (block, folder) in enumerate(PAPER_SAES.items()):
+        sae = g.add("UnboxLoadSAE", [folder], (0, 600 + i * 200), title=f"SAE {block}")
+        rec = g.add("UnboxReconstructBlock", [AUTO, False, 0.0, 1.0, "cond"], (380, 600 + i * 200),
+                    title=f"Reconstruct {block}", model=model, sae=(sae, 0))
+        model = (rec, 0)
+    sample(g, (ckpt, 0), pos, neg, latent, (ckpt, 2), "sae_reconstruct/original", 800)
+    sample(g, model, pos, neg, latent, (ckpt, 2), "sae_reconstruct/reconstructed", 1200)
+    return g.to_json("Reconstruct through the SAEs", "Each of the four blocks' updates is replaced by its SAE "
+                     "reconstruction (error term dropped): what changes is what the SAEs do not capture.")
+
+
+WORKFLOWS = {
+    "explore": explore,
+    "paint": lambda: steer_workflow(
+        "add", "0", 4.0, "down.2.1", "a photo of a city street, people walking",
+        "Paint a feature into a region",
+        "Adds 4 x mean x the feature's direction to down.2.1's update inside the painted mask (the paper's "
+        "Paint). Pick features with the explore workflow; replace the square by your own mask.",
+        painted=True, prefix="sae_paint"),
+    "feature_icon": feature_icon,
+    "ablate": lambda: steer_workflow(
+        "ablate", "0, 1", 1.0, "up.0.1", "a red sports car on a mountain road, dramatic sky",
+        "Ablate features", "Removes the features' own contributions from up.0.1's update wherever they fire "
+        "(strength 1 = all of it), keeping the SAE's error so nothing else changes.", prefix="sae_ablate"),
+    "reconstruct": reconstruct,
+}
+
+
+def main():
+    OUT.mkdir(exist_ok=True)
+    for name, make in WORKFLOWS.items():
+        (OUT / f"{name}.json").write_text(json.dumps(make(), indent=1) + "\n")
+        print("wrote", OUT / f"{name}.json")
+
+
+if __name__ == "__main__":
+    main()
