@@ -1,0 +1,147 @@
+"""The quick start's downloader against a local HTTP server that behaves like Hugging Face's `resolve`
+endpoint (size and hash in headers, a redirect for large files, Range requests, a connection that breaks)."""
+
+import hashlib
+import http.server
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import model_files  # noqa: E402
+from model_files import DownloadError, download, missing_files, required_files  # noqa: E402
+
+BIG = bytes(range(256)) * 4096 + b"tail"  # ~1 MB, served like an LFS file (sha256)
+SMALL = b'{"n_dirs_local": 5120, "d_model": 1280, "k": 10}'  # served like a git file (blob sha1)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    files: dict = {}
+    break_after: dict = {}  # path -> bytes to send before cutting the connection (once)
+    requests: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def _meta(self, path):
+        data = self.files[path]
+        if path.endswith(".bin"):
+            return {"X-Linked-Size": str(len(data)), "X-Linked-ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+        blob = hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
+        return {"ETag": f'"{blob}"', "Content-Length": str(len(data))}
+
+    def do_HEAD(self):
+        path = self.path.split("?")[0]
+        if path not in self.files:
+            self.send_error(404)
+            return
+        if path.endswith(".bin"):  # large files redirect to a CDN, headers on the redirect
+            self.send_response(302)
+            self.send_header("Location", "/cdn" + path)
+        else:
+            self.send_response(200)
+        for k, v in self._meta(path).items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        self.requests.append((path, self.headers.get("Range")))
+        if path.endswith(".bin") and not path.startswith("/cdn"):
+            self.send_response(302)
+            self.send_header("Location", "/cdn" + path)
+            self.end_headers()
+            return
+        path = path.removeprefix("/cdn")
+        if path not in self.files:
+            self.send_error(404)
+            return
+        data = self.files[path]
+        start = 0
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        cut = self.break_after.pop(path, None)
+        if cut is not None:
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    Handler.files = {"/m/model.bin": BIG, "/m/config.json": SMALL, "/m/bad.bin": BIG}
+    Handler.break_after, Handler.requests = {}, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_downloads_and_verifies(server, tmp_path):
+    dest = download(f"{server}/m/model.bin", tmp_path / "a" / "model.bin", progress=False)
+    assert dest.read_bytes() == BIG
+    dest = download(f"{server}/m/config.json", tmp_path / "config.json", progress=False)
+    assert dest.read_bytes() == SMALL
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["config.json", "model.bin"]
+
+
+def test_resumes_after_a_broken_connection(server, tmp_path):
+    Handler.break_after["/m/model.bin"] = 300_000
+    dest = tmp_path / "model.bin"
+    with pytest.raises(DownloadError, match="broke off|got"):
+        download(f"{server}/m/model.bin", dest, progress=False, chunk=65536)
+    part = tmp_path / "model.bin.part"
+    assert not dest.exists() and 0 < part.stat().st_size < len(BIG)
+    have = part.stat().st_size
+    download(f"{server}/m/model.bin", dest, progress=False)
+    assert dest.read_bytes() == BIG and not part.exists()
+    assert ("/cdn/m/model.bin", f"bytes={have}-") in Handler.requests
+
+
+def test_wrong_hash_is_deleted_and_never_used(server, tmp_path):
+    Handler.files["/m/bad.bin"] = BIG[:-4] + b"XXXX"  # same size, announced hash is of other bytes
+
+    def lying_meta(self, path, orig=Handler._meta):
+        meta = orig(self, path)
+        if path == "/m/bad.bin":
+            meta["X-Linked-ETag"] = f'"{hashlib.sha256(BIG).hexdigest()}"'
+        return meta
+
+    Handler._meta = lying_meta
+    try:
+        with pytest.raises(DownloadError, match="sha256 .* expected"):
+            download(f"{server}/m/bad.bin", tmp_path / "bad.bin", progress=False)
+    finally:
+        Handler._meta = lying_meta.__defaults__[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_file_and_server(server, tmp_path):
+    with pytest.raises(DownloadError, match="404"):
+        download(f"{server}/m/none.bin", tmp_path / "x", progress=False)
+    with pytest.raises(DownloadError, match="cannot connect"):
+        download("http://127.0.0.1:9/x.bin", tmp_path / "x", progress=False, timeout=5)
+
+
+def test_required_files_say_where_each_goes(tmp_path):
+    files = required_files(tmp_path, "http://h/ckpt.safetensors", "http://h/checkpoints")
+    dests = {f.dest.relative_to(tmp_path).as_posix() for f in files}
+    assert "checkpoints/sd_xl_turbo_1.0_fp16.safetensors" in dests
+    assert "sae/unet.down_blocks.2.attentions.1_k10_hidden5120_auxk256_bs4096_lr0.0001/final/state_dict.pth" in dests
+    assert len(files) == 1 + 4 * 4
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / model_files.CHECKPOINT_NAME).write_bytes(b"x")
+    assert len(missing_files(files)) == 16
