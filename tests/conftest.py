@@ -11,6 +11,7 @@ Nothing from ComfyUI is imported at module level, so unit tests run without a ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -38,7 +39,7 @@ def pytest_collection_modifyitems(items):
     """Tests that use the ComfyUI fixtures get the `comfyui` / `server` markers (for `-m "not server"`)."""
     for item in items:
         names = getattr(item, "fixturenames", ())
-        if "comfy_server" in names:
+        if "comfy_server" in names or "comfy_server_with_frontend" in names:
             item.add_marker(pytest.mark.server)
         if "comfyui_path" in names:
             item.add_marker(pytest.mark.comfyui)
@@ -230,10 +231,9 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(15)
 
 
-@pytest.fixture(scope="session")
-def comfy_server(comfyui_path, tmp_path_factory):
-    """A headless ComfyUI server (CPU) with the pack and the tiny test nodes; stopped at the end."""
-    root = tmp_path_factory.mktemp("comfy_server")
+@contextlib.contextmanager
+def _serve(comfyui_path: Path, root: Path, frontend: bool):
+    """A headless ComfyUI server (CPU) with the pack and the tiny test nodes under `root`; stopped after."""
     names = ("custom_nodes", "checkpoints", "sae", "output", "input", "temp", "user", "frontend")
     dirs = {n: root / n for n in names}
     for d in dirs.values():
@@ -245,10 +245,12 @@ def comfy_server(comfyui_path, tmp_path_factory):
         f"  {key}: {dirs[key]}\n" for key in ("custom_nodes", "checkpoints", "sae")))
     port = _free_port()
     cmd = [sys.executable, str(comfyui_path / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--extra-model-paths-config", str(yaml_path), "--front-end-root", str(dirs["frontend"]),
+           "--extra-model-paths-config", str(yaml_path),
            "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
            "--output-directory", str(dirs["output"]), "--input-directory", str(dirs["input"]),
            "--temp-directory", str(dirs["temp"]), "--user-directory", str(dirs["user"])]
+    if not frontend:  # the web frontend's files are not needed to run prompts
+        cmd += ["--front-end-root", str(dirs["frontend"])]
     env = {**os.environ, "COMFYUI_PATH": str(comfyui_path), "PYTHONUNBUFFERED": "1"}
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
@@ -263,3 +265,17 @@ def comfy_server(comfyui_path, tmp_path_factory):
         yield server
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_path, tmp_path_factory):
+    """A headless ComfyUI server (CPU, no web frontend) with the pack and the tiny test nodes."""
+    with _serve(comfyui_path, tmp_path_factory.mktemp("comfy_server"), frontend=False) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def comfy_server_with_frontend(comfyui_path, tmp_path_factory):
+    """The same, serving ComfyUI's web frontend (for browser tests)."""
+    with _serve(comfyui_path, tmp_path_factory.mktemp("comfy_frontend"), frontend=True) as server:
+        yield server

@@ -22,23 +22,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from model_files import PAPER_SAE_FOLDERS  # noqa: E402
 from workflow_api import ui_to_api  # noqa: E402
 
+from paper_release import write_paper_release  # noqa: E402  (tests/support)
+
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
-D, N, K = 128, 512, 10  # the tiny model's width at the paper's blocks
-
-
-def write_paper_release(folder: Path, seed: int):
-    """A release folder as the paper ships it: config.json, state_dict.pth, mean.pt, std.pt."""
-    g = torch.Generator().manual_seed(seed)
-    final = folder / "final"
-    final.mkdir(parents=True, exist_ok=True)
-    (final / "config.json").write_text(json.dumps(
-        {"n_dirs_local": N, "d_model": D, "k": K, "auxk": 256, "dead_steps_threshold": 2441}))
-    enc = torch.randn(N, D, generator=g) / D ** 0.5
-    sd = {"encoder.weight": enc, "decoder.weight": enc.T.clone(), "pre_bias": torch.zeros(D),
-          "latent_bias": torch.zeros(N), "stats_last_nonzero": torch.zeros(N, dtype=torch.int64)}
-    torch.save({"state_dict": sd}, final / "state_dict.pth")
-    torch.save(torch.rand(N, generator=g) + 0.5, final / "mean.pt")
-    torch.save(torch.rand(N, generator=g), final / "std.pt")
 
 
 @pytest.fixture(scope="module")

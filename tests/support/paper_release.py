@@ -1,0 +1,25 @@
+"""SAE folders in the exact layout of the paper's release, at the tiny test model's width."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+D, N, K = 128, 512, 10  # the tiny model's channels at the paper's blocks; features; k
+
+
+def write_paper_release(folder: Path, seed: int):
+    """A release folder as the paper ships it: config.json, state_dict.pth, mean.pt, std.pt."""
+    g = torch.Generator().manual_seed(seed)
+    final = folder / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "config.json").write_text(json.dumps(
+        {"n_dirs_local": N, "d_model": D, "k": K, "auxk": 256, "dead_steps_threshold": 2441}))
+    enc = torch.randn(N, D, generator=g) / D ** 0.5
+    sd = {"encoder.weight": enc, "decoder.weight": enc.T.clone(), "pre_bias": torch.zeros(D),
+          "latent_bias": torch.zeros(N), "stats_last_nonzero": torch.zeros(N, dtype=torch.int64)}
+    torch.save({"state_dict": sd}, final / "state_dict.pth")
+    torch.save(torch.rand(N, generator=g) + 0.5, final / "mean.pt")
+    torch.save(torch.rand(N, generator=g), final / "std.pt")
