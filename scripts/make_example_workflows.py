@@ -7,17 +7,14 @@ widgets: `python scripts/make_example_workflows.py`.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_files import CHECKPOINT_NAME as CHECKPOINT  # noqa: E402
+from model_files import PAPER_SAE_FOLDERS as PAPER_SAES  # noqa: E402
+
 OUT = Path(__file__).resolve().parents[1] / "example_workflows"
-CHECKPOINT = "sd_xl_turbo_1.0_fp16.safetensors"
-RELEASE = "unet.{}_k10_hidden5120_auxk256_bs4096_lr0.0001"
-PAPER_SAES = {
-    "down.2.1": RELEASE.format("down_blocks.2.attentions.1"),
-    "mid.0": RELEASE.format("mid_block.attentions.0"),
-    "up.0.0": RELEASE.format("up_blocks.0.attentions.0"),
-    "up.0.1": RELEASE.format("up_blocks.0.attentions.1"),
-}
 AUTO = "auto (the SAE's block)"
 
 # Output sockets of the node types used here: (name, type).
