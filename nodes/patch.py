@@ -75,6 +75,10 @@ class Edit:
     sigma_start: float = math.inf
     sigma_end: float = 0.0
 
+    # Edits that also read the block's input (e.g. dumps of inputs/outputs) set this; their `apply`
+    # then gets `block_input=` the block's input `[B, H, W, C]` as a keyword.
+    needs_block_input = False
+
     def active(self, info: CallInfo) -> bool:
         if math.isnan(info.sigma):
             return True
@@ -127,7 +131,10 @@ class _BlockHook:
         for edit in self.edits:
             if not edit.active(self.info):
                 continue
-            new = edit.apply(update, self.info)
+            if edit.needs_block_input:
+                new = edit.apply(update, self.info, block_input=x_in.permute(0, 2, 3, 1))
+            else:
+                new = edit.apply(update, self.info)
             if new is not None:
                 update, changed = new, True
         if not changed:

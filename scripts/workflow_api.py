@@ -9,6 +9,9 @@ SKIPPED_MODES = {2, 4}  # muted, bypassed
 
 def _is_widget(spec) -> bool:
     kind = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
+    options = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if options.get("forceInput"):
+        return False  # a socket only: no widget, no value in widgets_values
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 

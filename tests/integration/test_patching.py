@@ -6,33 +6,11 @@ captured by an independent forward hook, not from the pack's code.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 AUTO = "auto (the SAE's block)"
 MEAN = "mean activation"
-
-
-@pytest.fixture(scope="module")
-def pk(comfy_pack):
-    """The pack's modules as ComfyUI imported them."""
-    name = comfy_pack.module.__name__
-
-    class P:
-        patch = sys.modules[name + ".nodes.patch"]
-        edits = sys.modules[name + ".nodes.edits"]
-        handle = sys.modules[name + ".nodes.sae_handle"]
-        sm = sys.modules[name + ".sae_models"]
-        N = comfy_pack.node_class_mappings
-
-    return P
-
-
-@pytest.fixture(scope="module")
-def model(tiny):
-    return tiny.tiny_model(seed=0)
 
 
 def make_sae(pk, block="mid.0", d=128, n=256, k=8, seed=0):
