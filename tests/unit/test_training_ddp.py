@@ -1,0 +1,51 @@
+"""Data-parallel training: 2 CPU processes (gloo) with batch B each == 1 process with batch 2B."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sae_models.training import train
+
+B, STEPS, D = 32, 24, 10
+OPTS = dict(n_features=40, k=3, auxk=8, dead_toks_threshold=2 * B * 3, lr=3e-3, seed=2,
+            geometric_median_samples=4 * B, mse_scale_batches=3, device="cpu")
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.nn.functional.normalize(torch.randn(20, D, generator=g), dim=-1)
+    codes = torch.rand(STEPS * 2 * B, 20, generator=g) * (torch.rand(STEPS * 2 * B, 20, generator=g) < 0.15)
+    return codes @ atoms + 0.05 * torch.randn(STEPS * 2 * B, D, generator=g)
+
+
+def _rank_rows(x, rank):
+    """Rank r's share: rows [r*B, (r+1)*B) of every 2B-row global batch."""
+    return x.view(STEPS, 2, B, D)[:, rank].reshape(-1, D)
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        x = _rank_rows(_data(), rank)
+        sae = train(list(x.split(50)), batch_size=B, **OPTS)
+        if rank == 0:
+            torch.save({n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+                       | {"steps": sae.config.hyperparameters["steps"]}, os.path.join(out_dir, "ddp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    single = train([_data()], batch_size=2 * B, **OPTS)
+    assert ddp["steps"] == single.config.hyperparameters["steps"] == STEPS
+    for name in ("W_dec", "b_dec", "W_enc", "b_enc"):
+        diff = (ddp[name] - getattr(single, name).detach()).abs().max()
+        assert diff < 1e-4, (name, float(diff))
