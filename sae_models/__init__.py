@@ -1,4 +1,5 @@
-"""Sparse autoencoders for diffusion-model activations: architectures, file formats, training and metrics.
+"""Sparse autoencoders for diffusion-model activations: architectures, file formats, activation dumps,
+training, statistics and metrics.
 
 Pure PyTorch; nothing here imports ComfyUI.
 
@@ -6,6 +7,9 @@ Pure PyTorch; nothing here imports ComfyUI.
     sae = sae_models.load("path/to/sae")          # any supported format, detected from the files
     codes = sae.encode(x)                          # [..., n_features]
     sae_models.save(sae, "converted.safetensors")  # the native format
+
+    stream = sae_models.iter_vectors("dump", "down.2.1")   # shuffled [4096, d_in] batches of a dump
+    sae = sae_models.train(stream, n_features=5120, k=10)  # the paper's TopK training
 """
 
 from .architectures import (
@@ -24,6 +28,11 @@ from .formats import detect
 from .formats import load
 from .formats.native import save
 from .metadata import FeatureStats, SAEConfig
+from . import metrics, shards, stats, training
+from .metrics import evaluate, fvu
+from .shards import ShardWriter, done_images, iter_vectors, read_manifest
+from .stats import feature_stats, features_index, write_features_index
+from .training import train
 
 __version__ = "0.1.0"
 
@@ -31,4 +40,6 @@ __all__ = [
     "ARCHITECTURES", "BatchTopKSAE", "Block", "FeatureStats", "JumpReLUSAE", "PAPER_BLOCKS", "ReLUSAE",
     "SAEConfig", "SAEError", "SAEFormatError", "SDXL_BLOCKS", "SparseAutoencoder", "SparseCodes", "TopKSAE",
     "UnsafePickleError", "block_from_text", "build", "detect", "find_block", "get_block", "load", "save",
+    "ShardWriter", "done_images", "evaluate", "feature_stats", "features_index", "fvu", "iter_vectors", "metrics",
+    "read_manifest", "shards", "stats", "train", "training", "write_features_index",
 ]

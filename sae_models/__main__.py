@@ -1,10 +1,21 @@
-"""Command line: `python -m sae_models info PATH` and `python -m sae_models convert SRC DST.safetensors`."""
+"""Command line of `sae_models`.
+
+    python -m sae_models info PATH                       describe an SAE file or folder
+    python -m sae_models convert SRC DST.safetensors     convert any readable SAE to the native format
+    python -m sae_models train DUMP --block B --out OUT.safetensors [options]
+    python -m sae_models stats SAE DUMP [--index OUT.features.json]
+    python -m sae_models eval SAE DUMP [--split eval]
+
+`train` also runs under `torchrun --nproc-per-node N -m sae_models train ...` (data-parallel over shards).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
 from . import detect, load, save
 from .errors import SAEError
@@ -48,6 +59,117 @@ def _convert(src: str, dst: str) -> int:
     return 0
 
 
+def _block(dump: str, block: str | None) -> str:
+    from .shards import read_manifest
+
+    blocks = sorted(read_manifest(dump).get("blocks", {}))
+    if block:
+        if block not in blocks:
+            raise ValueError(f"{dump} holds no {block} vectors (it holds: {', '.join(blocks) or 'none'})")
+        return block
+    if len(blocks) != 1:
+        raise ValueError(f"{dump} holds {len(blocks)} blocks ({', '.join(blocks)}); choose one with --block")
+    return blocks[0]
+
+
+class _Progress:
+    """A one-line progress report on stderr (loss, FVU, L0, dead fraction, tokens/s)."""
+
+    def __init__(self, total_steps: int | None, enabled: bool = True):
+        self.total, self.enabled, self.t0 = total_steps, enabled, time.perf_counter()
+
+    def __call__(self, m: dict) -> None:
+        if not self.enabled or "loss" not in m:
+            return
+        rate = m["tokens"] / max(time.perf_counter() - self.t0, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        print(f"\rstep {m['step']}{of}  tokens {m['tokens']}  loss {m['loss']:.4f}  fvu {m['fvu']:.4f}  "
+              f"l0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  {rate:,.0f} tok/s", end="", file=sys.stderr, flush=True)
+
+
+def _train(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from .metrics import evaluate
+    from .shards import done_images, iter_vectors
+    from .stats import feature_stats, features_index, write_features_index
+    from .training import train
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    block = _block(args.dump, args.block)
+    split = "train" if args.eval_fraction > 0 else "all"
+    data = iter_vectors(args.dump, block, batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world,
+                        split=split, eval_fraction=args.eval_fraction, shuffle_shards=args.shuffle_shards,
+                        epochs=args.epochs)
+    tokens = args.max_tokens
+    steps = (tokens // (args.batch_size * world)) if tokens else None
+    sae = train(data, n_features=args.n_features, k=args.k, architecture=args.architecture, auxk=args.auxk,
+                batch_size=args.batch_size, lr=args.lr, max_tokens=tokens, seed=args.seed, device=args.device,
+                block=block, base_model=args.base_model, hook="update", checkpoint_dir=args.checkpoint_dir,
+                callback=_Progress(steps, enabled=rank == 0), log_every=args.log_every)
+    if rank != 0:
+        return 0
+    print(file=sys.stderr)
+    sae = sae.to("cpu")
+    def stream(split_, **kw):
+        return iter_vectors(args.dump, block, batch_size=args.batch_size, split=split_, shuffle=False,
+                            eval_fraction=args.eval_fraction, **kw)
+    if args.eval_fraction > 0:
+        m = evaluate(sae, stream("eval"))
+        print(f"held-out: fvu {m['fvu']:.4f}  l0 {m['l0']:.2f}  dead {m['dead_fraction']:.1%}  "
+              f"({m['n_tokens']} vectors)")
+    if not args.no_stats:
+        sae.stats = feature_stats(sae, stream("all"), max_tokens=args.stats_tokens)
+        index = features_index(sae, stream("all", with_meta=True), top_n=args.top_n, records=done_images(args.dump))
+        write_features_index(index, args.out.removesuffix(".safetensors") + ".features.json")
+    save(sae, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _stats(args) -> int:
+    from .shards import done_images, iter_vectors
+    from .stats import feature_stats, features_index, write_features_index
+
+    sae = load(args.sae)
+    block = _block(args.dump, args.block or sae.config.block)
+    def stream(**kw):
+        return iter_vectors(args.dump, block, batch_size=4096, shuffle=False, **kw)
+    sae.stats = feature_stats(sae, stream(), max_tokens=args.max_tokens)
+    out = args.out or (args.sae if args.sae.endswith(".safetensors") else None)
+    if out is None:
+        raise ValueError(f"{args.sae} is not a native .safetensors file; give --out to write one with the statistics")
+    save(sae, out)
+    index_path = args.index or out.removesuffix(".safetensors") + ".features.json"
+    write_features_index(features_index(sae, stream(with_meta=True), top_n=args.top_n,
+                                        records=done_images(args.dump)), index_path)
+    alive = int((sae.stats.frequency > 0).sum())
+    print(f"wrote {out} (statistics over {sae.stats.n_vectors} vectors, {alive}/{sae.n_features} features fire) "
+          f"and {index_path}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .metrics import evaluate
+    from .shards import iter_vectors
+
+    sae = load(args.sae)
+    block = _block(args.dump, args.block or sae.config.block)
+    data = iter_vectors(args.dump, block, batch_size=4096, shuffle=False, split=args.split,
+                        eval_fraction=args.eval_fraction)
+    m = evaluate(sae, data, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print(f"fvu {m['fvu']:.4f}  mse {m['mse']:.6g}  l0 {m['l0']:.2f}  dead {m['dead_fraction']:.1%}  "
+              f"({m['n_tokens']} vectors of {block}, split {args.split})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sae_models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,12 +179,55 @@ def main(argv=None) -> int:
     p = sub.add_parser("convert", help="convert any readable SAE to the native .safetensors format")
     p.add_argument("src")
     p.add_argument("dst")
+
+    p = sub.add_parser("train", help="train the paper's TopK SAE on a dump folder")
+    p.add_argument("dump")
+    p.add_argument("--block", help="block to train on (default: the dump's only block)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--n-features", type=int, default=5120)
+    p.add_argument("-k", "--k", type=int, default=10)
+    p.add_argument("--architecture", choices=["topk", "batchtopk"], default="topk")
+    p.add_argument("--auxk", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many vectors (all ranks)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="fraction of images held out")
+    p.add_argument("--shuffle-shards", type=int, default=8, help="shards shuffled together (memory bound)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--base-model", default="sdxl-turbo")
+    p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from them")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-stats", action="store_true", help="skip the statistics pass and features index")
+    p.add_argument("--stats-tokens", type=int, default=None)
+    p.add_argument("--top-n", type=int, default=16)
+
+    p = sub.add_parser("stats", help="per-feature statistics and a features index of an SAE over a dump")
+    p.add_argument("sae")
+    p.add_argument("dump")
+    p.add_argument("--block")
+    p.add_argument("--out", help="SAE file to write (default: the SAE file itself)")
+    p.add_argument("--index", help="features index JSON (default: <out>.features.json)")
+    p.add_argument("--top-n", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=None)
+
+    p = sub.add_parser("eval", help="FVU, MSE, L0 and dead fraction of an SAE on a dump")
+    p.add_argument("sae")
+    p.add_argument("dump")
+    p.add_argument("--block")
+    p.add_argument("--split", choices=["eval", "train", "all"], default="eval")
+    p.add_argument("--eval-fraction", type=float, default=0.05)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
             return _info(args.path, args.json)
-        return _convert(args.src, args.dst)
-    except (SAEError, ValueError) as e:
+        if args.command == "convert":
+            return _convert(args.src, args.dst)
+        return {"train": _train, "stats": _stats, "eval": _eval}[args.command](args)
+    except (SAEError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
