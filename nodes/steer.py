@@ -72,7 +72,16 @@ class SteerFeatures(io.ComfyNode):
                 raise NodeInputError(
                     STEER,
                     f"SAE {sae.name} has no per-feature mean statistics, so strengths cannot be in mean units; "
-                    "set units to 'absolute' (raw codes)",
+                    "set units to 'absolute' (raw codes), or compute them over a dump with "
+                    "'python -m sae_models stats <sae file> <dump folder>'",
+                )
+            dead = [f for f, s in zip(feats, strengths) if s != 0 and float(mean[f]) == 0.0]
+            if dead:
+                raise NodeInputError(
+                    STEER,
+                    f"feature(s) {', '.join(map(str, dead))} of SAE {sae.name} have mean activation 0 (they never "
+                    "fired when its statistics were computed), so a strength in mean units does nothing; choose "
+                    "features that fire (see SAE Top Features) or set units to 'absolute'",
                 )
             amounts = tuple(s * float(mean[f]) for f, s in zip(feats, strengths))
         else:

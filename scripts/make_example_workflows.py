@@ -33,6 +33,10 @@ OUTPUTS = {
     "UnboxProbeBlock": [("MODEL", "MODEL"), ("probe", "SAE_PROBE")],
     "UnboxFeatureHeatmap": [("overlay", "IMAGE"), ("heat", "MASK")],
     "UnboxTopFeatures": [("grid", "IMAGE"), ("json", "STRING")],
+    "UnboxPromptList": [("prompt", "STRING"), ("seed", "INT"), ("index", "INT"), ("count", "INT")],
+    "UnboxDumpActivations": [("MODEL", "MODEL"), ("dump", "SAE_DUMP")],
+    "UnboxDumpImages": [],
+    "UnboxTrainSAE": [("SAE", "SAE")],
 }
 # Socket (non-widget) inputs: (name, type).
 INPUTS = {
@@ -47,7 +51,11 @@ INPUTS = {
     "UnboxProbeBlock": [("model", "MODEL"), ("sae", "SAE"), ("probe", "SAE_PROBE")],
     "UnboxFeatureHeatmap": [("probe", "SAE_PROBE"), ("image", "IMAGE")],
     "UnboxTopFeatures": [("probe", "SAE_PROBE"), ("image", "IMAGE"), ("mask", "MASK")],
+    "UnboxDumpActivations": [("model", "MODEL")],
+    "UnboxDumpImages": [("images", "IMAGE"), ("dump", "SAE_DUMP"), ("prompt", "STRING"), ("seed", "INT")],
 }
+# Widgets that a workflow may drive from a link instead (the frontend's "widget converted to input").
+WIDGET_SOCKETS = {"CLIPTextEncode": [("text", "STRING")], "KSampler": [("seed", "INT")]}
 
 
 class Graph:
@@ -73,6 +81,13 @@ class Graph:
                 self.links.append([link, src["id"], slot, nid, len(node["inputs"]), typ])
                 src["outputs"][slot]["links"].append(link)
             node["inputs"].append({"name": name, "type": typ, "link": link})
+        for name, typ in WIDGET_SOCKETS.get(type_, []):
+            if name in inputs:
+                src, slot = inputs[name]
+                link = len(self.links) + 1
+                self.links.append([link, src["id"], slot, nid, len(node["inputs"]), typ])
+                src["outputs"][slot]["links"].append(link)
+                node["inputs"].append({"name": name, "type": typ, "widget": {"name": name}, "link": link})
         node["outputs"] = [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(OUTPUTS[type_])]
         self.nodes.append(node)
         return node
@@ -93,12 +108,14 @@ def base(g: Graph, prompt: str, x=0):
     return ckpt, pos, neg, latent
 
 
-def sample(g: Graph, model, pos, neg, latent, vae, prefix, x, seed=42):
+def sample(g: Graph, model, pos, neg, latent, vae, prefix, x, seed=42, seed_link=None):
     # SDXL Turbo: one step, no classifier-free guidance (cfg 1), as in the paper.
+    kw = {"seed": seed_link} if seed_link else {}
     ks = g.add("KSampler", [seed, "fixed", 1, 1.0, "euler_ancestral", "sgm_uniform", 1.0], (x, 0),
-               model=model, positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0))
+               model=model, positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0), **kw)
     dec = g.add("VAEDecode", [], (x, 320), samples=(ks, 0), vae=vae)
-    g.add("SaveImage", [prefix], (x, 440), images=(dec, 0))
+    if prefix:
+        g.add("SaveImage", [prefix], (x, 440), images=(dec, 0))
     return dec
 
 
@@ -115,7 +132,7 @@ def explore() -> dict:
         model, y = (probe, 0), y + 200
     dec = sample(g, model, pos, neg, latent, (ckpt, 2), "sae_explore/image", 800)
     for i, block in enumerate(PAPER_SAES):
-        top = g.add("UnboxTopFeatures", [9, block, -1, 0, 3, "inferno", 0.6, f"sae_explore/top_features"],
+        top = g.add("UnboxTopFeatures", [9, block, -1, 0, 3, "inferno", 0.6, "sae_explore/top_features"],
                     (1200, i * 380), title=f"Top features {block}", probe=(probe, 1), image=(dec, 0))
         g.add("SaveImage", [f"sae_explore/top_{block}"], (1600, i * 380), images=(top, 0))
     heat = g.add("UnboxFeatureHeatmap", [0, "down.2.1", -1, "inferno", 0.6, "image max"], (1200, 1560),
@@ -171,6 +188,50 @@ def reconstruct() -> dict:
                      "reconstruction (error term dropped): what changes is what the SAEs do not capture.")
 
 
+DUMP_FOLDER = "sae_dumps/sdxl_turbo"
+
+
+def dump() -> dict:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", [CHECKPOINT], (0, 0))
+    prompts = g.add("UnboxPromptList", ["a photo of a cat sleeping on a sofa\na watercolor of a lighthouse at dawn\n"
+                                        "an astronaut riding a horse on the moon", "", 0, "increment", 0],
+                    (0, 200), title="Prompts (queue N times, or use scripts/queue_prompts.py)")
+    pos = g.add("CLIPTextEncode", [""], (380, 0), title="Prompt", clip=(ckpt, 1), text=(prompts, 0))
+    neg = g.add("CLIPTextEncode", [""], (380, 220), title="Negative (unused at cfg 1)", clip=(ckpt, 1))
+    latent = g.add("EmptyLatentImage", [512, 512, 1], (380, 420))
+    dumper = g.add("UnboxDumpActivations", [DUMP_FOLDER, "paper", "all", "cond", "update", "float16", 16384, ""],
+                   (0, 560), title="Dump the paper's four blocks", model=(ckpt, 0))
+    dec = sample(g, (dumper, 0), pos, neg, latent, (ckpt, 2), "", 800, seed=0, seed_link=(prompts, 1))
+    g.add("UnboxDumpImages", ["when the queue is empty"], (1200, 0), images=(dec, 0), dump=(dumper, 1),
+          prompt=(prompts, 0), seed=(prompts, 1))
+    return g.to_json("Dump training data", "The paper's training data: SDXL Turbo, 1 step, cfg 1; the updates of "
+                     "down.2.1, mid.0, up.0.0 and up.0.1 (256 vectors per image and block at 512x512) are written "
+                     f"with the images to output/{DUMP_FOLDER}. Queue once per prompt (the index increments), or run "
+                     "scripts/queue_prompts.py over a prompt file.")
+
+
+def train() -> dict:
+    g = Graph()
+    ckpt, pos, neg, latent = base(g, "a watercolor of a lighthouse at dawn")
+    sae = g.add("UnboxTrainSAE", [DUMP_FOLDER, "up.0.1", 5120, 10, "topk", 0, 4096, 1e-4, 0.05, 0, "my_sae_up.0.1",
+                                  True], (0, 600), title="Train an SAE on the dump (up.0.1)")
+    probe = g.add("UnboxProbeBlock", [AUTO, "all", "cond"], (380, 600), title="Probe with the new SAE",
+                  model=(ckpt, 0), sae=(sae, 0))
+    dec = sample(g, (probe, 0), pos, neg, latent, (ckpt, 2), "sae_train/original", 800)
+    top = g.add("UnboxTopFeatures", [9, "up.0.1", -1, 0, 3, "inferno", 0.6, "sae_train/top_features"],
+                (1200, 0), title="Top features of the new SAE", probe=(probe, 1), image=(dec, 0))
+    g.add("SaveImage", ["sae_train/top_features"], (1600, 0), images=(top, 0))
+    steer = g.add("UnboxSteerFeatures", ["0", 20.0, "add", AUTO, "absolute", 0.0, 1.0, "cond"],
+                  (380, 900), title="Steer with the new SAE (put a top feature here)", model=(ckpt, 0), sae=(sae, 0))
+    sample(g, (steer, 0), pos, neg, latent, (ckpt, 2), "sae_train/steered", 1200)
+    return g.to_json("Train an SAE, explore and steer with it", "Trains a TopK SAE (5120 features, k=10) on the "
+                     f"up.0.1 updates dumped to output/{DUMP_FOLDER} by the dump workflow and saves it to "
+                     "models/sae/my_sae_up.0.1.safetensors with its feature statistics and features index; then "
+                     "shows the top features of the new SAE on a generation, and adds one feature's direction "
+                     "(put a feature from the grid in the steer node, and switch its units to 'mean activation').")
+
+
 WORKFLOWS = {
     "explore": explore,
     "paint": lambda: steer_workflow(
@@ -185,6 +246,8 @@ WORKFLOWS = {
         "Ablate features", "Removes the features' own contributions from up.0.1's update wherever they fire "
         "(strength 1 = all of it), keeping the SAE's error so nothing else changes.", prefix="sae_ablate"),
     "reconstruct": reconstruct,
+    "dump": dump,
+    "train": train,
 }
 
 

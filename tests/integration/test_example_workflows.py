@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,8 +63,40 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
+NAMES = {"explore", "paint", "feature_icon", "ablate", "reconstruct", "dump", "train"}
+DUMP = "sae_dumps/sdxl_turbo"  # the dump workflow's folder, under the output folder
+PROMPTS = ["a red bicycle leaning on a wall", "a bowl of ramen, top view", "a snowy mountain at dusk"]
+
+
 def test_every_example_workflow_is_covered():
-    assert {p.stem for p in WORKFLOWS} == {"explore", "paint", "feature_icon", "ablate", "reconstruct"}
+    assert {p.stem for p in WORKFLOWS} == NAMES
+
+
+def dump_records(server) -> list[dict]:
+    return [json.loads(line) for f in sorted((server.output_dir / DUMP / "images").glob("*.jsonl"))
+            for line in f.read_text().splitlines()]
+
+
+def queue_prompts(server, prompt_file: Path) -> subprocess.CompletedProcess:
+    """scripts/queue_prompts.py over a prompt file, with the dump workflow (tiny model swapped in)."""
+    wf = swap_loader(ui_to_api(json.loads((ROOT / "example_workflows" / "dump.json").read_text()),
+                               server.object_info()))
+    api_file = prompt_file.with_suffix(".api.json")
+    api_file.write_text(json.dumps(wf))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "queue_prompts.py"), str(prompt_file), "--workflow", str(api_file),
+         "--server", server.url, "--dump-dir", str(server.output_dir / DUMP), "--seed-base", "100"],
+        capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def dumped(server, tmp_path_factory):
+    """The dump workflow queued over three prompts by scripts/queue_prompts.py."""
+    prompt_file = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    prompt_file.write_text("# three prompts\n" + "\n".join(PROMPTS) + "\n")
+    result = queue_prompts(server, prompt_file)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return prompt_file, result
 
 
 def test_sae_folders_are_listed_by_load_sae(server):
@@ -75,8 +106,17 @@ def test_sae_folders_are_listed_by_load_sae(server):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_example_workflow_runs(server, path):
+def test_example_workflow_runs(server, path, request):
+    if path.stem == "train":
+        request.getfixturevalue("dumped")  # train on the dump workflow's output
     entry = server.run(to_api(server, path), timeout=600)
+    if path.stem == "dump":  # writes shards and images into the dump folder, no SaveImage
+        rec = [r for r in dump_records(server) if r["seed"] == 0]
+        assert rec and rec[0]["prompt"] == "a photo of a cat sleeping on a sofa"
+        assert (server.output_dir / DUMP / rec[0]["file"]).is_file()
+        for block in PAPER_SAE_FOLDERS:
+            assert list((server.output_dir / DUMP / block).glob("*.safetensors")), block
+        return
     files = [f for fs in saved(server, entry).values() for f in fs]
     assert files and all(f.is_file() for f in files)
     by_prefix = {f.parent.name + "/" + f.name.split("_0")[0]: f for f in files}
@@ -91,15 +131,38 @@ def test_example_workflow_runs(server, path):
         assert top["grid"] == [16, 16] and 1 <= len(top["features"]) <= 9
         means = [f["mean_activation"] for f in top["features"]]
         assert means == sorted(means, reverse=True) and means[0] > 0
-    elif path.stem in ("paint", "reconstruct"):
+    if path.stem == "train":
+        top = json.loads(sorted((server.output_dir / "sae_train").glob("top_features_*.json"))[-1].read_text())
+        assert top["block"] == "up.0.1" and top["features"]
+    if path.stem in ("paint", "reconstruct", "train"):
         pre = f"sae_{path.stem}/"
         original = pixels(by_prefix[pre + "original"])
-        other = pixels(by_prefix[pre + ("steered" if path.stem == "paint" else "reconstructed")])
+        other = pixels(by_prefix[pre + ("reconstructed" if path.stem == "reconstruct" else "steered")])
         assert np.abs(original - other).max() > 0
         if path.stem == "paint":  # painted inside the central square only: the far corners barely move
             corner = np.abs(original - other)[:64, :64].mean()
             centre = np.abs(original - other)[192:320, 192:320].mean()
             assert centre > corner
+
+
+def test_queue_prompts_dumps_each_prompt_once_and_resumes(server, dumped):
+    prompt_file, first = dumped
+    mine = {r["prompt"]: r for r in dump_records(server) if r["prompt"] in PROMPTS}
+    assert set(mine) == set(PROMPTS)
+    assert [mine[p]["seed"] for p in PROMPTS] == [100, 101, 102]  # seed base + line index
+    assert "0 already dumped, 3 to queue" in first.stdout
+    again = queue_prompts(server, prompt_file)
+    assert again.returncode == 0 and "3 already dumped, 0 to queue" in again.stdout
+    assert len([r for r in dump_records(server) if r["prompt"] in PROMPTS]) == 3
+
+
+def test_trained_sae_is_saved_and_listed(server, dumped):
+    server.run(to_api(server, ROOT / "example_workflows" / "train.json"), timeout=900)
+    assert (server.sae_dir / "my_sae_up.0.1.safetensors").is_file()
+    assert (server.sae_dir / "my_sae_up.0.1.features.json").is_file()
+    options = server.object_info()["UnboxLoadSAE"]["input"]["required"]["sae_name"]
+    names = options[0] if isinstance(options[0], list) else options[1]["options"]
+    assert "my_sae_up.0.1.safetensors" in names
 
 
 def test_caching_and_new_prompt(server):
@@ -118,7 +181,7 @@ def test_templates_are_listed_and_served(server):
 
     listing = requests.get(f"{server.url}/workflow_templates", timeout=30).json()
     (pack, names), = [(k, v) for k, v in listing.items() if set(v) >= {"explore"}]
-    assert set(names) == {"explore", "paint", "feature_icon", "ablate", "reconstruct"}
+    assert set(names) == NAMES
     wf = requests.get(f"{server.url}/api/workflow_templates/{pack}/explore.json", timeout=30).json()
     assert wf["nodes"] and wf["links"]
 

@@ -294,3 +294,11 @@ def test_paper_size_sae_is_refused_on_the_tiny_model(pk, model):
     sae = pk.sm.build(pk.sm.SAEConfig(architecture="topk", d_in=1280, n_features=5120, k=10, block="down.2.1"))
     with pytest.raises(ValueError, match=r"d_in=1280 but block down.2.1 \(input_blocks.8.1\) of this MODEL has 128"):
         pk.N["UnboxProbeBlock"].execute(model, pk.handle.SAEHandle(sae, "paper"), AUTO, "all", "cond")
+
+
+def test_a_feature_that_never_fired_cannot_be_steered_in_mean_units(pk, model):
+    h = make_sae(pk)
+    h.sae.stats.mean[3] = 0.0
+    with pytest.raises(ValueError, match="SAE Steer Features: feature\\(s\\) 3 of SAE test-mid.0 have mean activation 0"):
+        steer(pk, model, h, "3, 5", 2.0)
+    assert steer(pk, model, h, "3", 2.0, units="absolute") is not model
