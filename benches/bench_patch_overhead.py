@@ -16,26 +16,13 @@ same run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "support"))
-sys.path.insert(0, str(ROOT))
-
-from comfyui_locate import find_comfyui  # noqa: E402
-
-SDXL_UNET = dict(
-    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-    num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
-    transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
-    use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
-    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
-    use_temporal_resblock=False,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from full_sdxl import conditioning, full_sdxl, import_comfyui, load_pack  # noqa: E402
 
 
 def main():
@@ -44,37 +31,21 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     args = ap.parse_args()
 
-    comfy_path, reason = find_comfyui()
-    if comfy_path is None:
-        sys.exit(f"ComfyUI not found: {reason}")
-    sys.path.insert(0, str(comfy_path))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    comfy_nodes = import_comfyui()
     import torch
 
-    import comfy.model_patcher
     import comfy.sample
-    import comfy.supported_models
-    import nodes as comfy_nodes
 
-    torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; building a full-size SDXL UNet ...",
           flush=True)
-    model = comfy.supported_models.SDXL(dict(SDXL_UNET)).get_model({})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    n_params = sum(p.numel() for p in model.diffusion_model.parameters())
-    mp = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    mp = full_sdxl()
+    n_params = sum(p.numel() for p in mp.model.diffusion_model.parameters())
     print(f"UNet parameters: {n_params / 1e9:.2f} B", flush=True)
-
-    asyncio.run(comfy_nodes.load_custom_node(str(ROOT)))
-    pack = next(m for name, m in sys.modules.items() if name.endswith(".nodes.patch") and hasattr(m, "attach_edit"))
-    pack_root = pack.__name__.rsplit(".nodes.patch", 1)[0]
+    pack_root = load_pack(comfy_nodes)
     sm = sys.modules[pack_root + ".sae_models"]
     SAEHandle = sys.modules[pack_root + ".nodes.sae_handle"].SAEHandle
     N = comfy_nodes.NODE_CLASS_MAPPINGS
+    torch.manual_seed(0)
 
     handles = []
     for block in sm.PAPER_BLOCKS:
@@ -96,8 +67,7 @@ def main():
 
     lat = args.size // 8
     latent = torch.zeros(1, 4, lat, lat)
-    cond = [[torch.randn(1, 77, 2048), {"pooled_output": torch.randn(1, 1280), "width": args.size,
-                                        "height": args.size}]]
+    cond = conditioning(args.size)
 
     def sample(m):
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))

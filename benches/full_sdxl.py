@@ -1,0 +1,66 @@
+"""Shared by the benches: ComfyUI imported from its checkout, the pack loaded by ComfyUI's own loader,
+and a full-size SDXL UNet with random weights (the same cost as SDXL Turbo; its weights are not needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "support"))
+
+from comfyui_locate import find_comfyui  # noqa: E402
+
+SDXL_UNET = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+    transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+    use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
+    use_temporal_resblock=False,
+)
+
+
+def import_comfyui():
+    """Put ComfyUI's checkout on sys.path (CPU mode) and return ComfyUI's `nodes` module."""
+    comfy_path, reason = find_comfyui()
+    if comfy_path is None:
+        sys.exit(f"ComfyUI not found: {reason}")
+    sys.path.insert(0, str(comfy_path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import nodes as comfy_nodes
+
+    return comfy_nodes
+
+
+def load_pack(comfy_nodes) -> str:
+    """Load the pack with ComfyUI's custom-node loader; returns the pack's module name."""
+    asyncio.run(comfy_nodes.load_custom_node(str(ROOT)))
+    pack = next(m for name, m in sys.modules.items() if name.endswith(".nodes.patch") and hasattr(m, "attach_edit"))
+    return pack.__name__.rsplit(".nodes.patch", 1)[0]
+
+
+def full_sdxl(seed: int = 0):
+    """A ModelPatcher around a full-size SDXL model (2.57 B UNet parameters) with random weights."""
+    import torch
+
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    torch.manual_seed(seed)
+    model = comfy.supported_models.SDXL(dict(SDXL_UNET)).get_model({})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def conditioning(size: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g),
+                                                     "width": size, "height": size}]]
