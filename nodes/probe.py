@@ -168,6 +168,7 @@ class TopFeatures(io.ComfyNode):
         means = record.mean_activation(weights)[image_index]
         order = means.argsort(descending=True)[: min(top_n, int((means > 0).sum()) or 1)]
         stats_mean = rec.handle.mean
+        index = rec.handle.features_index()
         pbar = comfy.utils.ProgressBar(len(order))
         tiles, labels, ranking = [], [], []
         img = image[min(image_index, image.shape[0] - 1)].unsqueeze(0)
@@ -184,6 +185,11 @@ class TopFeatures(io.ComfyNode):
             }
             if stats_mean is not None and float(stats_mean[f]) > 0:
                 entry["mean_in_feature_units"] = float(means[f]) / float(stats_mean[f])
+            if index is not None:  # where the feature fired most in the SAE's training data
+                entry["top_dataset_images"] = [
+                    {k: e[k] for k in ("prompt", "file", "value", "position") if k in e}
+                    for e in index["features"][f][:3]
+                ]
             ranking.append(entry)
             pbar.update(1)
         grid = labelled_grid(tiles, labels, columns)
@@ -197,6 +203,8 @@ class TopFeatures(io.ComfyNode):
             "ranked_over": "mask" if mask is not None else "image",
             "features": ranking,
         }
+        if index is not None and index.get("dump"):
+            result["dataset"] = index["dump"]  # the folder the dataset image files are relative to
         text = json.dumps(result, indent=2)
         if filename_prefix:
             _save_json(text, filename_prefix, rec.block_name)

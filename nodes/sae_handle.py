@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -31,6 +32,7 @@ class SAEHandle:
         self.path = path
         self._container = _SAEContainer(sae)
         self._patchers: dict = {}
+        self._index: dict | None = None
 
     def patcher(self, model) -> comfy.model_patcher.ModelPatcher:
         key = (str(model.load_device), str(model.offload_device))
@@ -44,6 +46,22 @@ class SAEHandle:
     @property
     def mean(self) -> torch.Tensor | None:
         return self.sae.stats.mean
+
+    def features_index(self) -> dict | None:
+        """The features index written beside the SAE file by training or `python -m sae_models stats`
+        (`<name>.features.json`: each feature's top images), or None when there is none."""
+        if self._index is None and self.path:
+            base = self.path[: -len(".safetensors")] if self.path.endswith(".safetensors") else self.path
+            path = base + ".features.json"
+            if os.path.isfile(path):
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        index = json.load(f)
+                except (OSError, ValueError):
+                    return None  # an unreadable index only means no examples are shown
+                if len(index.get("features", [])) == self.sae.n_features:
+                    self._index = index
+        return self._index
 
     def describe(self) -> str:
         c = self.sae.config

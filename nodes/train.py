@@ -126,6 +126,7 @@ class TrainSAE(io.ComfyNode):
         sae.stats = feature_stats(sae, stream("all", shuffle=False))
         index = features_index(sae, stream("all", shuffle=False, with_meta=True), top_n=16,
                                records=shards.done_images(folder))
+        index["dump"] = folder
         os.makedirs(os.path.dirname(out), exist_ok=True)
         sae_models.save(sae, out)
         write_features_index(index, out.removesuffix(".safetensors") + ".features.json")

@@ -125,6 +125,7 @@ def _train(args) -> int:
     if not args.no_stats:
         sae.stats = feature_stats(sae, stream("all"), max_tokens=args.stats_tokens)
         index = features_index(sae, stream("all", with_meta=True), top_n=args.top_n, records=done_images(args.dump))
+        index["dump"] = os.path.abspath(args.dump)
         write_features_index(index, args.out.removesuffix(".safetensors") + ".features.json")
     save(sae, args.out)
     print(f"wrote {args.out}")
@@ -145,8 +146,9 @@ def _stats(args) -> int:
         raise ValueError(f"{args.sae} is not a native .safetensors file; give --out to write one with the statistics")
     save(sae, out)
     index_path = args.index or out.removesuffix(".safetensors") + ".features.json"
-    write_features_index(features_index(sae, stream(with_meta=True), top_n=args.top_n,
-                                        records=done_images(args.dump)), index_path)
+    index = features_index(sae, stream(with_meta=True), top_n=args.top_n, records=done_images(args.dump))
+    index["dump"] = os.path.abspath(args.dump)
+    write_features_index(index, index_path)
     alive = int((sae.stats.frequency > 0).sum())
     print(f"wrote {out} (statistics over {sae.stats.n_vectors} vectors, {alive}/{sae.n_features} features fire) "
           f"and {index_path}")

@@ -240,6 +240,19 @@ def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, monkeypatch):
     index = json.loads((sae_dir / "trained.features.json").read_text())
     top = index["features"][feature]
     assert top and all(e["prompt"].startswith("prompt number") for e in top)
+    assert index["dump"] == str(dump_dir)
+
+    # the visualisation nodes show, for each top feature, where it fired most in the training data
+    probed, probes = pk.N["UnboxProbeBlock"].execute(model, loaded, "auto (the SAE's block)", "all", "cond").args
+    sample(tiny, probed, seed=7)
+    ranking = json.loads(pk.N["UnboxTopFeatures"].execute(probes, fake_images(1), 3, "first probed block", -1, 0, 3,
+                                                          "inferno", 0.6, "").args[1])
+    assert ranking["dataset"] == str(dump_dir)
+    for entry in ranking["features"]:
+        examples = entry["top_dataset_images"]
+        assert examples == [{k: e[k] for k in ("prompt", "file", "value", "position")}
+                            for e in index["features"][entry["feature"]][:3]]
+        assert all((dump_dir / e["file"]).is_file() for e in examples)
 
 
 def test_train_refuses_bad_input(pk, tmp_path, monkeypatch):

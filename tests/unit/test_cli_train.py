@@ -69,7 +69,7 @@ def test_train_stats_eval_on_a_dump(dump, tmp_path):
     assert (cos.max(0).values > 0.9).float().mean() > 0.8
 
     index = json.loads(out.with_suffix(".features.json").read_text())
-    assert index["block"] == "mid.0" and len(index["features"]) == 96
+    assert index["block"] == "mid.0" and len(index["features"]) == 96 and index["dump"] == str(folder)
     best = max(range(96), key=lambda f: float(sae.stats.frequency[f]))
     assert index["features"][best][0]["prompt"].startswith("image ")
 
