@@ -110,6 +110,7 @@ def _train(args) -> int:
     sae = train(data, n_features=args.n_features, k=args.k, architecture=args.architecture, auxk=args.auxk,
                 batch_size=args.batch_size, lr=args.lr, max_tokens=tokens, seed=args.seed, device=args.device,
                 block=block, base_model=args.base_model, hook="update", checkpoint_dir=args.checkpoint_dir,
+                checkpoint_every=args.checkpoint_every,
                 callback=_Progress(steps, enabled=rank == 0), log_every=args.log_every)
     if rank != 0:
         return 0
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--base-model", default="sdxl-turbo")
     p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from them")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-stats", action="store_true", help="skip the statistics pass and features index")
     p.add_argument("--stats-tokens", type=int, default=None)

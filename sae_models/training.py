@@ -482,6 +482,13 @@ def train(
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ckpt["world_size"] != world:
             raise ValueError(f"{ckpt_path} was written by {ckpt['world_size']} ranks, this run has {world}")
+        saved = json.loads(ckpt["config"])
+        asked = {"architecture": architecture, "n_features": n_features, "k": k}
+        differ = {key: (saved.get(key), v) for key, v in asked.items() if saved.get(key) != v}
+        if differ:
+            raise ValueError(f"{ckpt_path} is a checkpoint of another SAE ("
+                             + ", ".join(f"{key} {a} there, {b} here" for key, (a, b) in differ.items())
+                             + "); remove it or use another checkpoint folder")
 
     # -- the first rows: d_in, and the data statistics -------------------------------------------------
     has_state = hasattr(batches, "state_dict") and hasattr(batches, "load_state_dict")

@@ -89,6 +89,28 @@ def test_train_stats_eval_on_a_dump(dump, tmp_path):
     assert len(json.loads(bare.with_suffix(".features.json").read_text())["features"][best]) == 4
 
 
+def test_an_interrupted_cli_run_resumes_to_the_same_sae(dump, tmp_path):
+    folder, _ = dump
+    common = [*TRAIN, "--no-stats", "--checkpoint-every", "3"]
+    steps = 20 * 128
+    r = run("train", str(folder), "--out", str(tmp_path / "whole.safetensors"), *common, "--max-tokens", str(steps))
+    assert r.returncode == 0, r.stderr
+    ckpt = tmp_path / "ckpt"
+    r = run("train", str(folder), "--out", str(tmp_path / "half.safetensors"), *common, "--max-tokens", str(steps // 2),
+            "--checkpoint-dir", str(ckpt))
+    assert r.returncode == 0, r.stderr
+    r = run("train", str(folder), "--out", str(tmp_path / "resumed.safetensors"), *common, "--max-tokens", str(steps),
+            "--checkpoint-dir", str(ckpt))
+    assert r.returncode == 0, r.stderr
+    whole, resumed = (sae_models.load(tmp_path / f"{n}.safetensors") for n in ("whole", "resumed"))
+    assert whole.config.hyperparameters["steps"] == resumed.config.hyperparameters["steps"] == 20
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(getattr(whole, name), getattr(resumed, name), atol=1e-5), name
+    r = run("train", str(folder), "--out", str(tmp_path / "other.safetensors"), *common, "--n-features", "64",
+            "--checkpoint-dir", str(ckpt))
+    assert r.returncode == 2 and "is a checkpoint of another SAE (n_features 96 there, 64 here)" in r.stderr
+
+
 def test_cli_errors_name_the_problem(dump, tmp_path):
     folder, _ = dump
     r = run("train", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors"))
