@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 
 import torch
 from comfy_api.latest import io
@@ -56,6 +57,16 @@ def _output_path(node: str, name: str, overwrite: bool) -> str:
     return path
 
 
+def _show_text(node_id: str, text: str) -> None:
+    """Live text on the node in the frontend (nothing when no server runs, e.g. ComfyUI used as a library)."""
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:
+        pass
+
+
 class TrainSAE(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -85,6 +96,7 @@ class TrainSAE(io.ComfyNode):
                 io.Boolean.Input("overwrite", default=False),
             ],
             outputs=[SAE.Output(display_name="SAE")],
+            hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
@@ -110,10 +122,16 @@ class TrainSAE(io.ComfyNode):
         tokens = min(max_tokens or data.n_rows, data.n_rows)
         steps = max(tokens // batch_size, 1)
         pbar = comfy.utils.ProgressBar(steps)
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        last_text = [0.0]
 
         def progress(m):
             comfy.model_management.throw_exception_if_processing_interrupted()
             pbar.update_absolute(min(int(m["step"]), steps), steps)
+            if node_id is not None and "loss" in m and time.monotonic() - last_text[0] > 1.0:
+                last_text[0] = time.monotonic()
+                _show_text(node_id, f"step {m['step']}/{steps}  loss {m['loss']:.4f}  FVU {m['fvu']:.4f}\n"
+                                    f"L0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  {m.get('tokens_per_s', 0):,.0f} tok/s")
 
         checkpoints = os.path.join(folder, "checkpoints", os.path.basename(out).removesuffix(".safetensors"))
         # ComfyUI runs nodes under torch.inference_mode(); training needs autograd back.
