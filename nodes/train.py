@@ -32,17 +32,9 @@ ARCHS = ["topk", "batchtopk"]
 
 def _dump_block(node: str, folder: str, choice: str) -> str:
     try:
-        manifest = shards.read_manifest(folder)
+        return shards.dump_block(folder, None if choice == ONLY_BLOCK else choice)
     except (ValueError, OSError) as e:
         raise NodeInputError(node, str(e)) from None
-    blocks = sorted(manifest.get("blocks", {}))
-    if choice == ONLY_BLOCK:
-        if len(blocks) != 1:
-            raise NodeInputError(node, f"{folder} holds {len(blocks)} blocks ({', '.join(blocks)}); choose one")
-        return blocks[0]
-    if choice not in blocks:
-        raise NodeInputError(node, f"{folder} holds no {choice} vectors (it holds: {', '.join(blocks) or 'none'})")
-    return choice
 
 
 def _output_path(node: str, name: str, overwrite: bool) -> str:

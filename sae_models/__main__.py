@@ -60,16 +60,9 @@ def _convert(src: str, dst: str) -> int:
 
 
 def _block(dump: str, block: str | None) -> str:
-    from .shards import read_manifest
+    from .shards import dump_block
 
-    blocks = sorted(read_manifest(dump).get("blocks", {}))
-    if block:
-        if block not in blocks:
-            raise ValueError(f"{dump} holds no {block} vectors (it holds: {', '.join(blocks) or 'none'})")
-        return block
-    if len(blocks) != 1:
-        raise ValueError(f"{dump} holds {len(blocks)} blocks ({', '.join(blocks)}); choose one with --block")
-    return blocks[0]
+    return dump_block(dump, block)
 
 
 class _Progress:
@@ -88,7 +81,6 @@ class _Progress:
 
 
 def _train(args) -> int:
-    import torch
     import torch.distributed as dist
 
     from .metrics import evaluate

@@ -233,6 +233,18 @@ def _block_dir(folder: Path, block: str, manifest: dict | None = None) -> tuple[
     return name, folder / name
 
 
+def dump_block(folder, block: str | None = None) -> str:
+    """`block` checked against the blocks a dump holds; None picks the dump's only block."""
+    blocks = sorted(read_manifest(folder).get("blocks", {}))
+    if block:
+        if block not in blocks:
+            raise ValueError(f"{folder} holds no {block} vectors (it holds: {', '.join(blocks) or 'none'})")
+        return block
+    if len(blocks) != 1:
+        raise ValueError(f"{folder} holds {len(blocks)} blocks ({', '.join(blocks)}); choose one")
+    return blocks[0]
+
+
 def list_shards(folder, block) -> list[Path]:
     """The complete shards of `block`, sorted by name (temporary files are ignored)."""
     folder = Path(folder)

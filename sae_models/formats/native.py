@@ -13,8 +13,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from ..architectures import SparseAutoencoder
 from ..errors import SAEFormatError
 from ..metadata import STAT_NAMES, FeatureStats, SAEConfig
