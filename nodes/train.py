@@ -18,7 +18,7 @@ from .. import sae_models
 from ..sae_models import shards
 from ..sae_models.blocks import SHORT_NAMES
 from ..sae_models.metrics import evaluate
-from ..sae_models.stats import feature_stats, features_index, write_features_index
+from ..sae_models.stats import summarize_features, write_features_index
 from ..sae_models.training import train
 from .common import CATEGORY, SAE, NodeInputError
 from .dump import resolve_dump_folder
@@ -133,10 +133,7 @@ class TrainSAE(io.ComfyNode):
                         checkpoint_dir=checkpoints, callback=progress, log_every=1)
         held_out = stream("eval", shuffle=False) if eval_fraction > 0 else None
         metrics = evaluate(sae, held_out if held_out is not None and held_out.n_rows else stream("all", shuffle=False))
-        sae.stats = feature_stats(sae, stream("all", shuffle=False))
-        index = features_index(sae, stream("all", shuffle=False, with_meta=True), top_n=16,
-                               records=shards.done_images(folder))
-        index["dump"] = folder
+        sae.stats, index = summarize_features(sae, stream("all", shuffle=False, with_meta=True), top_n=16)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         sae_models.save(sae, out)
         write_features_index(index, out.removesuffix(".safetensors") + ".features.json")

@@ -84,8 +84,8 @@ def _train(args) -> int:
     import torch.distributed as dist
 
     from .metrics import evaluate
-    from .shards import done_images, iter_vectors
-    from .stats import feature_stats, features_index, write_features_index
+    from .shards import iter_vectors
+    from .stats import summarize_features, write_features_index
     from .training import train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -116,9 +116,8 @@ def _train(args) -> int:
         print(f"held-out: fvu {m['fvu']:.4f}  l0 {m['l0']:.2f}  dead {m['dead_fraction']:.1%}  "
               f"({m['n_tokens']} vectors)")
     if not args.no_stats:
-        sae.stats = feature_stats(sae, stream("all"), max_tokens=args.stats_tokens)
-        index = features_index(sae, stream("all", with_meta=True), top_n=args.top_n, records=done_images(args.dump))
-        index["dump"] = os.path.abspath(args.dump)
+        sae.stats, index = summarize_features(sae, stream("all", with_meta=True), top_n=args.top_n,
+                                              max_tokens=args.stats_tokens)
         write_features_index(index, args.out.removesuffix(".safetensors") + ".features.json")
     save(sae, args.out)
     print(f"wrote {args.out}")
@@ -126,21 +125,18 @@ def _train(args) -> int:
 
 
 def _stats(args) -> int:
-    from .shards import done_images, iter_vectors
-    from .stats import feature_stats, features_index, write_features_index
+    from .shards import iter_vectors
+    from .stats import summarize_features, write_features_index
 
     sae = load(args.sae)
     block = _block(args.dump, args.block or sae.config.block)
-    def stream(**kw):
-        return iter_vectors(args.dump, block, batch_size=4096, shuffle=False, **kw)
-    sae.stats = feature_stats(sae, stream(), max_tokens=args.max_tokens)
     out = args.out or (args.sae if args.sae.endswith(".safetensors") else None)
     if out is None:
         raise ValueError(f"{args.sae} is not a native .safetensors file; give --out to write one with the statistics")
+    stream = iter_vectors(args.dump, block, batch_size=4096, shuffle=False, with_meta=True)
+    sae.stats, index = summarize_features(sae, stream, top_n=args.top_n, max_tokens=args.max_tokens)
     save(sae, out)
     index_path = args.index or out.removesuffix(".safetensors") + ".features.json"
-    index = features_index(sae, stream(with_meta=True), top_n=args.top_n, records=done_images(args.dump))
-    index["dump"] = os.path.abspath(args.dump)
     write_features_index(index, index_path)
     alive = int((sae.stats.frequency > 0).sum())
     print(f"wrote {out} (statistics over {sae.stats.n_vectors} vectors, {alive}/{sae.n_features} features fire) "
@@ -196,7 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-stats", action="store_true", help="skip the statistics pass and features index")
-    p.add_argument("--stats-tokens", type=int, default=None)
+    p.add_argument("--stats-tokens", type=int, default=None,
+                   help="vectors read by the statistics pass and the features index (default: all)")
     p.add_argument("--top-n", type=int, default=16)
 
     p = sub.add_parser("stats", help="per-feature statistics and a features index of an SAE over a dump")
@@ -206,7 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="SAE file to write (default: the SAE file itself)")
     p.add_argument("--index", help="features index JSON (default: <out>.features.json)")
     p.add_argument("--top-n", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="vectors read for the statistics and the features index (default: all)")
 
     p = sub.add_parser("eval", help="FVU, MSE, L0 and dead fraction of an SAE on a dump")
     p.add_argument("sae")

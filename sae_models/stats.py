@@ -1,8 +1,8 @@
 """Statistics of an SAE's features over a data set: activation mean/std/frequency, and the top images per feature.
 
     stream = shards.iter_vectors(dump, "down.2.1", with_meta=True, shuffle=False)
-    sae.stats = feature_stats(sae, (x for x, _ in stream))
-    write_features_index(features_index(sae, stream, top_n=16), "features.json")
+    sae.stats, index = summarize_features(sae, stream, top_n=16)   # one pass: both at once
+    write_features_index(index, "features.json")
 """
 
 from __future__ import annotations
@@ -23,8 +23,59 @@ RECORD_KEYS = ("prompt", "file")
 _IMAGE_BITS = 40  # key of an image: writer index << 40 | image index
 
 
-def _tensor_of(batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+class _Moments:
+    """Running per-feature count, mean and M2 of the activations where a feature is active (float64; batches
+    merged with the pairwise (Chan et al.) update, so the variance does not suffer from cancellation)."""
+
+    def __init__(self, n_features: int, device):
+        self.F, self.dev = n_features, device
+        self.count = torch.zeros(n_features, dtype=torch.float64, device=device)
+        self.mean = torch.zeros(n_features, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(n_features, dtype=torch.float64, device=device)
+        self.n_vectors = 0
+
+    def add(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        active = values > 0
+        f = indices[active]
+        v = values[active].to(torch.float64)
+        c_b = torch.bincount(f, minlength=self.F).to(torch.float64)
+        mean_b = torch.zeros(self.F, dtype=torch.float64, device=self.dev).index_add_(0, f, v) / c_b.clamp_min(1)
+        m2_b = torch.zeros(self.F, dtype=torch.float64, device=self.dev).index_add_(0, f, (v - mean_b[f]) ** 2)
+        total = self.count + c_b
+        delta = mean_b - self.mean
+        self.mean += delta * c_b / total.clamp_min(1)
+        self.m2 += m2_b + delta**2 * self.count * c_b / total.clamp_min(1)
+        self.count = total
+        self.n_vectors += len(values)
+
+    def result(self) -> FeatureStats:
+        if self.n_vectors == 0:
+            raise ValueError("feature_stats: no vectors in the data")
+        std = (self.m2 / self.count.clamp_min(1)).clamp_min(0).sqrt()
+        return FeatureStats(
+            mean=self.mean.float().cpu(),
+            frequency=(self.count / self.n_vectors).float().cpu(),
+            std=std.float().cpu(),
+            n_vectors=self.n_vectors,
+        )
+
+
+def _limited(batches: Iterable, max_tokens: int | None):
+    """The batches (tensors or `(tensor, meta)` pairs), cut after `max_tokens` vectors; empty ones skipped."""
+    seen = 0
+    for batch in batches:
+        x, meta = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        x = x.reshape(-1, x.shape[-1])
+        if max_tokens is not None:
+            keep = max(int(max_tokens) - seen, 0)
+            if keep < len(x):
+                x = x[:keep]
+                meta = None if meta is None else {k: v[:keep] for k, v in meta.items()}
+        if len(x):
+            seen += len(x)
+            yield x, meta
+        if max_tokens is not None and seen >= max_tokens:
+            break
 
 
 @torch.no_grad()
@@ -33,45 +84,12 @@ def feature_stats(sae: SparseAutoencoder, batches: Iterable, *, max_tokens: int 
     (> 0), its frequency (fraction of vectors where active) and the number of vectors seen.
 
     `batches`: any iterable of `[n, d_in]` tensors (or `(tensor, meta)` pairs); at most `max_tokens` vectors are
-    used. Sums run in float64 and batches are merged with the pairwise (Chan et al.) update of mean and M2,
-    so the variance does not suffer from cancellation. Features never active get mean 0 and std 0.
+    used. Sums run in float64 (`_Moments`). Features never active get mean 0 and std 0.
     """
-    F, dev = sae.n_features, sae.device
-    count = torch.zeros(F, dtype=torch.float64, device=dev)
-    mean = torch.zeros(F, dtype=torch.float64, device=dev)
-    m2 = torch.zeros(F, dtype=torch.float64, device=dev)
-    n_vectors = 0
-    for batch in batches:
-        x = _tensor_of(batch)
-        x = x.reshape(-1, x.shape[-1])
-        if max_tokens is not None:
-            x = x[: max(int(max_tokens) - n_vectors, 0)]
-        if not len(x):
-            if max_tokens is not None and n_vectors >= max_tokens:
-                break
-            continue
-        values, indices = sae.encode_sparse(x.to(dev))
-        active = values > 0
-        f = indices[active]
-        v = values[active].to(torch.float64)
-        c_b = torch.bincount(f, minlength=F).to(torch.float64)
-        mean_b = torch.zeros(F, dtype=torch.float64, device=dev).index_add_(0, f, v) / c_b.clamp_min(1)
-        m2_b = torch.zeros(F, dtype=torch.float64, device=dev).index_add_(0, f, (v - mean_b[f]) ** 2)
-        total = count + c_b
-        delta = mean_b - mean
-        mean += delta * c_b / total.clamp_min(1)
-        m2 += m2_b + delta**2 * count * c_b / total.clamp_min(1)
-        count = total
-        n_vectors += len(x)
-    if n_vectors == 0:
-        raise ValueError("feature_stats: no vectors in the data")
-    std = (m2 / count.clamp_min(1)).clamp_min(0).sqrt()
-    return FeatureStats(
-        mean=mean.float().cpu(),
-        frequency=(count / n_vectors).float().cpu(),
-        std=std.float().cpu(),
-        n_vectors=n_vectors,
-    )
+    moments = _Moments(sae.n_features, sae.device)
+    for x, _ in _limited(batches, max_tokens):
+        moments.add(*sae.encode_sparse(x.to(sae.device)))
+    return moments.result()
 
 
 def _lexsort(*keys: torch.Tensor) -> torch.Tensor:
@@ -119,6 +137,48 @@ class _TopImages:
         self.key[f, rank] = key[keep]
         self.pos[f, rank] = pos[keep]
 
+    def add_codes(self, values: torch.Tensor, indices: torch.Tensor, meta: dict) -> None:
+        """Add the active codes of one batch, with its per-row metadata (writer, image, position, grid_w)."""
+        values, indices = values.float().cpu(), indices.cpu()
+        n = len(values)
+        active = values > 0
+        row = torch.arange(n).unsqueeze(1).expand_as(values)[active]
+        writer = meta.get("writer", torch.zeros(n, dtype=torch.int64)).long().cpu()
+        key = ((writer << _IMAGE_BITS) | meta["image"].long().cpu())[row]
+        p = meta["position"].long().cpu()[row]
+        gw = meta.get("grid_w", torch.full((n,), -1, dtype=torch.int64)).long().cpu()[row]
+        ok = gw > 0
+        safe = torch.where(ok, gw, torch.ones_like(gw))
+        pos = torch.stack([torch.where(ok, p // safe, torch.full_like(p, -1)), torch.where(ok, p % safe, p)], 1)
+        self.update(indices[active], key, values[active], pos)
+
+    def to_index(self, writers: list, records, block) -> dict:
+        by_image = {(str(r.get("writer")), int(r["image"])): r for r in records if "image" in r}
+        features = []
+        for fv, fk, fp in zip(self.value.tolist(), self.key.tolist(), self.pos.tolist()):
+            entries = []
+            for v, k, (h, w) in zip(fv, fk, fp):
+                if k < 0:
+                    break
+                wi, image = k >> _IMAGE_BITS, k & ((1 << _IMAGE_BITS) - 1)
+                name = writers[wi] if wi < len(writers) else str(wi)
+                e = {"writer": name, "image": image, "position": [h, w], "value": v}
+                rec = by_image.get((name, image))
+                if rec:
+                    e.update({r: rec[r] for r in RECORD_KEYS if r in rec})
+                entries.append(e)
+            features.append(entries)
+        return {"block": block, "n_features": self.F, "top_n": self.N, "features": features}
+
+
+def _stream_info(stream, records, sae):
+    writers = list(getattr(stream, "writers", None) or [])
+    if records is None:
+        records = getattr(stream, "records", None) or []
+    return writers, records, getattr(stream, "block", None) or sae.config.block
+
+
+
 
 @torch.no_grad()
 def features_index(sae: SparseAutoencoder, stream_with_meta, *, top_n: int = 16, records=None) -> dict:
@@ -134,47 +194,37 @@ def features_index(sae: SparseAutoencoder, stream_with_meta, *, top_n: int = 16,
     """
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
-    writers = list(getattr(stream_with_meta, "writers", None) or [])
-    if records is None:
-        records = getattr(stream_with_meta, "records", None) or []
+    writers, records, block = _stream_info(stream_with_meta, records, sae)
     top = _TopImages(sae.n_features, int(top_n))
     for item in stream_with_meta:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise ValueError("features_index needs a stream with metadata (iter_vectors(..., with_meta=True))")
         x, meta = item
-        if not len(x):
-            continue
-        values, indices = sae.encode_sparse(x.to(sae.device))
-        values, indices = values.float().cpu(), indices.cpu()
-        active = values > 0
-        row = torch.arange(len(x)).unsqueeze(1).expand_as(values)[active]
-        writer = meta.get("writer", torch.zeros(len(x), dtype=torch.int64)).long().cpu()
-        key = ((writer << _IMAGE_BITS) | meta["image"].long().cpu())[row]
-        p = meta["position"].long().cpu()[row]
-        gw = meta.get("grid_w", torch.full((len(x),), -1, dtype=torch.int64)).long().cpu()[row]
-        ok = gw > 0
-        safe = torch.where(ok, gw, torch.ones_like(gw))
-        pos = torch.stack([torch.where(ok, p // safe, torch.full_like(p, -1)), torch.where(ok, p % safe, p)], 1)
-        top.update(indices[active], key, values[active], pos)
+        if len(x):
+            top.add_codes(*sae.encode_sparse(x.to(sae.device)), meta)
+    return top.to_index(writers, records, block)
 
-    by_image = {(str(r.get("writer")), int(r["image"])): r for r in records if "image" in r}
-    value, key, pos = top.value.tolist(), top.key.tolist(), top.pos.tolist()
-    features = []
-    for fv, fk, fp in zip(value, key, pos):
-        entries = []
-        for v, k, (h, w) in zip(fv, fk, fp):
-            if k < 0:
-                break
-            wi, image = k >> _IMAGE_BITS, k & ((1 << _IMAGE_BITS) - 1)
-            name = writers[wi] if wi < len(writers) else str(wi)
-            e = {"writer": name, "image": image, "position": [h, w], "value": v}
-            rec = by_image.get((name, image))
-            if rec:
-                e.update({r: rec[r] for r in RECORD_KEYS if r in rec})
-            entries.append(e)
-        features.append(entries)
-    block = getattr(stream_with_meta, "block", None) or sae.config.block
-    return {"block": block, "n_features": sae.n_features, "top_n": int(top_n), "features": features}
+
+@torch.no_grad()
+def summarize_features(sae: SparseAutoencoder, stream_with_meta, *, top_n: int = 16, records=None,
+                       max_tokens: int | None = None) -> tuple[FeatureStats, dict]:
+    """`feature_stats` and `features_index` in ONE pass over the data (each vector encoded once), on at most
+    `max_tokens` vectors. The index also records the dump folder (`"dump"`) when the stream has one."""
+    if top_n < 1:
+        raise ValueError(f"top_n must be >= 1, got {top_n}")
+    writers, records, block = _stream_info(stream_with_meta, records, sae)
+    moments = _Moments(sae.n_features, sae.device)
+    top = _TopImages(sae.n_features, int(top_n))
+    for x, meta in _limited(stream_with_meta, max_tokens):
+        if meta is None:
+            raise ValueError("summarize_features needs a stream with metadata (iter_vectors(..., with_meta=True))")
+        values, indices = sae.encode_sparse(x.to(sae.device))
+        moments.add(values, indices)
+        top.add_codes(values, indices, meta)
+    index = top.to_index(writers, records, block)
+    if getattr(stream_with_meta, "folder", None) is not None:
+        index["dump"] = os.path.abspath(stream_with_meta.folder)
+    return moments.result(), index
 
 
 def write_features_index(index: dict, path) -> Path:

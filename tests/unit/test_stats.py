@@ -158,3 +158,23 @@ def test_features_index_needs_metadata():
     sae = random_sae()
     with pytest.raises(ValueError, match="with_meta"):
         stats.features_index(sae, [torch.randn(4, D)])
+
+
+def test_one_pass_summary_equals_the_two_passes(tmp_path):
+    folder = make_dump(tmp_path)
+    sae = random_sae(n=24, k=3, seed=2)
+    def stream():
+        return shards.iter_vectors(folder, BLOCK, with_meta=True, batch_size=13, shuffle=False)
+    got_stats, got_index = stats.summarize_features(sae, stream(), top_n=3)
+    want = stats.feature_stats(sae, stream())
+    for name in ("mean", "frequency", "std"):
+        assert torch.allclose(getattr(got_stats, name), getattr(want, name), atol=1e-6), name
+    assert got_stats.n_vectors == want.n_vectors
+    assert got_index.pop("dump") == str(folder)
+    assert got_index == stats.features_index(sae, stream(), top_n=3)
+    # a limit applies to both, cutting inside a batch
+    part_stats, part_index = stats.summarize_features(sae, stream(), top_n=3, max_tokens=20)
+    assert part_stats.n_vectors == 20
+    assert torch.allclose(part_stats.frequency, stats.feature_stats(sae, stream(), max_tokens=20).frequency)
+    with pytest.raises(ValueError, match="with_meta"):
+        stats.summarize_features(sae, [torch.randn(4, D)])
