@@ -263,16 +263,22 @@ class _Rebatcher:
         """Begin iterating `source`, dropping its first `skip_rows` rows (already trained on or pending)."""
         self.it = iter(self.source)
         while skip_rows > 0:
-            try:
-                t = next(self.it)
-            except StopIteration:
-                self.exhausted = True
+            t = self._pull()
+            if t is None:
                 return
-            t = self._as_rows(t)
-            self.rows_consumed += t.shape[0]
             if t.shape[0] > skip_rows:
                 self._push(t[skip_rows:])
             skip_rows -= t.shape[0]
+
+    def _pull(self) -> torch.Tensor | None:
+        """The source's next batch as rows (counted as consumed); None once it has ended."""
+        try:
+            t = self._as_rows(next(self.it))
+        except StopIteration:
+            self.exhausted = True
+            return None
+        self.rows_consumed += t.shape[0]
+        return t
 
     def _as_rows(self, t) -> torch.Tensor:
         t = torch.as_tensor(t)
@@ -288,14 +294,9 @@ class _Rebatcher:
     def fill(self, n: int) -> bool:
         """Pull until at least `n` rows are pending; False when the source ended first."""
         while self.n_pending < n and not self.exhausted:
-            try:
-                t = next(self.it)
-            except StopIteration:
-                self.exhausted = True
-                break
-            t = self._as_rows(t)
-            self.rows_consumed += t.shape[0]
-            self._push(t)
+            t = self._pull()
+            if t is not None:
+                self._push(t)
         return self.n_pending >= n
 
     def peek(self, n: int) -> torch.Tensor:
