@@ -89,21 +89,30 @@ def _train(args) -> int:
     from .training import train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    block = _block(args.dump, args.block)
-    split = "train" if args.eval_fraction > 0 else "all"
-    data = iter_vectors(args.dump, block, batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world,
-                        split=split, eval_fraction=args.eval_fraction, shuffle_shards=args.shuffle_shards,
-                        epochs=args.epochs)
-    tokens = args.max_tokens
-    steps = (tokens // (args.batch_size * world)) if tokens else None
-    sae = train(data, n_features=args.n_features, k=args.k, architecture=args.architecture, auxk=args.auxk,
-                batch_size=args.batch_size, lr=args.lr, max_tokens=tokens, seed=args.seed, device=args.device,
-                block=block, base_model=args.base_model, hook="update", checkpoint_dir=args.checkpoint_dir,
-                checkpoint_every=args.checkpoint_every,
-                callback=_Progress(steps, enabled=rank == 0), log_every=args.log_every)
+    try:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        block = _block(args.dump, args.block)
+        split = "train" if args.eval_fraction > 0 else "all"
+        data = iter_vectors(args.dump, block, batch_size=args.batch_size, seed=args.seed, rank=rank,
+                            world_size=world, split=split, eval_fraction=args.eval_fraction,
+                            shuffle_shards=args.shuffle_shards, epochs=args.epochs)
+        tokens = args.max_tokens
+        steps = (tokens // (args.batch_size * world)) if tokens else None
+        sae = train(data, n_features=args.n_features, k=args.k, architecture=args.architecture, auxk=args.auxk,
+                    batch_size=args.batch_size, lr=args.lr, max_tokens=tokens, seed=args.seed, device=args.device,
+                    block=block, base_model=args.base_model, hook="update", checkpoint_dir=args.checkpoint_dir,
+                    checkpoint_every=args.checkpoint_every,
+                    callback=_Progress(steps, enabled=rank == 0), log_every=args.log_every)
+        if own_group:
+            dist.barrier()  # no rank starts tearing down while another is still finishing a collective
+    finally:
+        # Every rank tears its group down before exiting: a gloo group still alive at interpreter exit can
+        # abort the process (SIGABRT). Rank 0 evaluates and writes the file alone, without the group.
+        if own_group:
+            dist.destroy_process_group()
     if rank != 0:
         return 0
     print(file=sys.stderr)

@@ -52,6 +52,7 @@ every rank's data-iterator state) and calls `callback`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -201,6 +202,13 @@ def _sparse_decode(vals, W_dec, rows, idx, n_rows):
 # ----------------------------------------------------------------------------------------------------
 # distributed helpers (no-ops in a single process)
 # ----------------------------------------------------------------------------------------------------
+
+
+# The only buffer (BatchTopK's threshold) is set from all-reduced values, identical on every rank, so DDP
+# need not broadcast it each forward; torch >= 2.14 names that option `forward_sync_buffers`.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def _dist_on() -> bool:
@@ -577,7 +585,7 @@ def train(
     module = _TrainStep(sae, tr)
     if _dist_on():
         ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        model = nn.parallel.DistributedDataParallel(module, device_ids=ids, **_NO_BUFFER_SYNC)
     else:
         model = module
 

@@ -33,11 +33,12 @@ def _worker(rank, init_file, out_dir):
         torch.set_num_threads(1)
         x = _rank_rows(_data(), rank)
         sae = train(list(x.split(50)), batch_size=B, **OPTS)
-        if rank == 0:
-            torch.save({n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-                       | {"steps": sae.config.hyperparameters["steps"]}, os.path.join(out_dir, "ddp.pt"))
+        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # on both ranks together, before either does anything else
+    if rank == 0:
+        torch.save({n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+                   | {"steps": sae.config.hyperparameters["steps"]}, os.path.join(out_dir, "ddp.pt"))
 
 
 @pytest.mark.slow
