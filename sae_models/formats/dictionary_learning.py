@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..architectures import SparseAutoencoder
 from ..blocks import block_from_text
 from ..errors import SAEFormatError
 from ..metadata import SAEConfig
@@ -116,7 +117,7 @@ def _dict_class(cfg_path, trainer: dict, sd: dict) -> str:
     return name
 
 
-def load(path) -> "SparseAutoencoder":  # noqa: F821
+def load(path) -> SparseAutoencoder:
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent

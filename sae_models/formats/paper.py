@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..architectures import SparseAutoencoder
 from ..blocks import block_from_text
 from ..errors import SAEFormatError
 from ..metadata import FeatureStats, SAEConfig
@@ -31,7 +32,7 @@ def resolve(path: Path) -> Path | None:
     return None
 
 
-def load(path) -> "SparseAutoencoder":  # noqa: F821
+def load(path) -> SparseAutoencoder:
     folder = resolve(Path(path))
     if folder is None:
         raise SAEFormatError(path, "not a paper release folder (needs config.json and state_dict.pth)")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..architectures import SparseAutoencoder
 from ..blocks import block_from_text
 from ..errors import SAEFormatError
 from ..metadata import FeatureStats, SAEConfig
@@ -188,7 +189,7 @@ def _frequency(folder: Path, n: int) -> torch.Tensor | None:
     return (torch.pow(10.0, log_freq) - 1e-10).clamp_min(0.0)
 
 
-def load(path) -> "SparseAutoencoder":  # noqa: F821
+def load(path) -> SparseAutoencoder:
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent

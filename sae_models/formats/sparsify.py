@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..architectures import SparseAutoencoder
 from ..blocks import block_from_text
 from ..errors import SAEFormatError
 from ..metadata import SAEConfig
@@ -35,7 +36,7 @@ def _positive_int(cfg_path, cfg: dict, key: str, allow_zero: bool = False) -> in
     return int(v)
 
 
-def load(path) -> "SparseAutoencoder":  # noqa: F821
+def load(path) -> SparseAutoencoder:
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent

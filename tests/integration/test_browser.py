@@ -43,7 +43,7 @@ def page(comfy_server_with_frontend):
 
 
 def test_extension_is_served_and_registered(page):
-    js = page.evaluate(f"() => fetch('/extensions/comfyui-sae-unbox/sae_unbox.js').then(r => r.status)")
+    js = page.evaluate("() => fetch('/extensions/comfyui-sae-unbox/sae_unbox.js').then(r => r.status)")
     assert js == 200
     names = page.evaluate("() => (window.app.extensions || []).map(e => e.name)")
     assert "sae_unbox.show_text" in names

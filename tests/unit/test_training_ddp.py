@@ -1,7 +1,6 @@
 """Data-parallel training: 2 CPU processes (gloo) with batch B each == 1 process with batch 2B."""
 
 import os
-import socket
 
 import pytest
 import torch
