@@ -17,9 +17,10 @@ from typing import Iterable
 import torch
 
 from .architectures import SparseAutoencoder
+from .errors import SAEFormatError
 from .metadata import FeatureStats
 
-RECORD_KEYS = ("prompt", "file")
+RECORD_KEYS = ("prompt", "seed", "file")
 _IMAGE_BITS = 40  # key of an image: writer index << 40 | image index
 
 
@@ -107,7 +108,7 @@ class _TopImages:
         self.F, self.N = n_features, top_n
         self.value = torch.full((n_features, top_n), float("-inf"))
         self.key = torch.full((n_features, top_n), -1, dtype=torch.int64)
-        self.pos = torch.zeros((n_features, top_n, 2), dtype=torch.int64)
+        self.pos = torch.zeros((n_features, top_n, 4), dtype=torch.int64)  # h, w, grid_h, grid_w (-1: unknown)
 
     def update(self, f, key, value, pos) -> None:
         valid = self.key >= 0
@@ -138,7 +139,7 @@ class _TopImages:
         self.pos[f, rank] = pos[keep]
 
     def add_codes(self, values: torch.Tensor, indices: torch.Tensor, meta: dict) -> None:
-        """Add the active codes of one batch, with its per-row metadata (writer, image, position, grid_w)."""
+        """Add the active codes of one batch, with its per-row metadata (writer, image, position, grid_h/w)."""
         values, indices = values.float().cpu(), indices.cpu()
         n = len(values)
         active = values > 0
@@ -147,9 +148,11 @@ class _TopImages:
         key = ((writer << _IMAGE_BITS) | meta["image"].long().cpu())[row]
         p = meta["position"].long().cpu()[row]
         gw = meta.get("grid_w", torch.full((n,), -1, dtype=torch.int64)).long().cpu()[row]
+        gh = meta.get("grid_h", torch.full((n,), -1, dtype=torch.int64)).long().cpu()[row]
         ok = gw > 0
         safe = torch.where(ok, gw, torch.ones_like(gw))
-        pos = torch.stack([torch.where(ok, p // safe, torch.full_like(p, -1)), torch.where(ok, p % safe, p)], 1)
+        pos = torch.stack([torch.where(ok, p // safe, torch.full_like(p, -1)), torch.where(ok, p % safe, p),
+                           torch.where(ok, gh, torch.full_like(gh, -1)), torch.where(ok, gw, torch.full_like(gw, -1))], 1)
         self.update(indices[active], key, values[active], pos)
 
     def to_index(self, writers: list, records, block) -> dict:
@@ -157,12 +160,14 @@ class _TopImages:
         features = []
         for fv, fk, fp in zip(self.value.tolist(), self.key.tolist(), self.pos.tolist()):
             entries = []
-            for v, k, (h, w) in zip(fv, fk, fp):
+            for v, k, (h, w, gh, gw) in zip(fv, fk, fp):
                 if k < 0:
                     break
                 wi, image = k >> _IMAGE_BITS, k & ((1 << _IMAGE_BITS) - 1)
                 name = writers[wi] if wi < len(writers) else str(wi)
                 e = {"writer": name, "image": image, "position": [h, w], "value": v}
+                if gh > 0:
+                    e["grid"] = [gh, gw]
                 rec = by_image.get((name, image))
                 if rec:
                     e.update({r: rec[r] for r in RECORD_KEYS if r in rec})
@@ -186,11 +191,11 @@ def features_index(sae: SparseAutoencoder, stream_with_meta, *, top_n: int = 16,
     image's best row.
 
     `stream_with_meta` yields `(x [n, d_in], meta)` with per-row `meta["writer"]` (index into
-    `stream.writers`), `meta["image"]`, `meta["position"]` (row-major) and `meta["grid_w"]` (as
+    `stream.writers`), `meta["image"]`, `meta["position"]` (row-major), `meta["grid_h"]` and `meta["grid_w"]` (as
     `iter_vectors(..., with_meta=True)` does). `records`: done-image records (default: the stream's) whose
     `prompt` and `file` are copied into the entries.
     Returns `{"block", "n_features", "top_n", "features": [[{"writer", "image", "position": [h, w], "value",
-    "prompt"?, "file"?}, ...], ...]}`.
+    "grid": [H, W]?, "prompt"?, "seed"?, "file"?}, ...], ...]}`.
     """
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
@@ -227,6 +232,12 @@ def summarize_features(sae: SparseAutoencoder, stream_with_meta, *, top_n: int =
     return moments.result(), index
 
 
+def features_index_path(sae_path) -> str:
+    """Where the features index of the SAE file `sae_path` lives: beside it, `<name>.features.json`."""
+    sae_path = os.fspath(sae_path)
+    return sae_path.removesuffix(".safetensors") + ".features.json"
+
+
 def write_features_index(index: dict, path) -> Path:
     """Write the index as JSON, atomically (temporary file in the same folder, fsync, rename)."""
     path = Path(path)
@@ -243,3 +254,28 @@ def write_features_index(index: dict, path) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def read_features_index(path, n_features: int | None = None) -> dict:
+    """A features index written by `write_features_index`, checked (and against `n_features` when given).
+    Raises SAEFormatError naming the file for anything unreadable or malformed."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise SAEFormatError(path, "file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SAEFormatError(path, f"not a readable JSON features index ({e})") from None
+    features = index.get("features") if isinstance(index, dict) else None
+    if not isinstance(features, list) or not all(isinstance(e, list) for e in features):
+        raise SAEFormatError(path, "a features index holds {'features': [[entry, ...] per feature]}")
+    if n_features is not None and len(features) != n_features:
+        raise SAEFormatError(path, f"indexes {len(features)} features but the SAE has {n_features}")
+    for f, entries in enumerate(features):
+        for e in entries:
+            if not (isinstance(e, dict) and isinstance(e.get("value"), (int, float))
+                    and isinstance(e.get("position"), list) and len(e["position"]) == 2):
+                raise SAEFormatError(path, f"feature {f}: an entry without a numeric 'value' and a [h, w] "
+                                           f"'position' ({str(e)[:80]})")
+    return index

@@ -138,8 +138,8 @@ def test_features_index_matches_brute_force(tmp_path):
         for g, (w, i, v, pos) in zip(got, exp):
             assert (g["writer"], g["image"], g["position"]) == (w, i, pos)
             assert g["value"] == pytest.approx(v, rel=1e-5)
-            assert g["prompt"] == f"{w} prompt {i}" and g["file"] == f"{w}/{i}.png"
-            assert "seed" not in g
+            assert g["prompt"] == f"{w} prompt {i}" and g["file"] == f"{w}/{i}.png" and g["seed"] == i
+            assert g["grid"] == [3, 5]
         assert len({(g["writer"], g["image"]) for g in got}) == len(got)  # distinct images
         assert all(a["value"] >= b["value"] for a, b in zip(got, got[1:]))
     assert all(g["writer"] != "gamma" for e in index["features"] for g in e)
