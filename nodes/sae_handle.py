@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -10,7 +9,8 @@ from torch import nn
 
 import comfy.model_patcher
 
-from ..sae_models import SparseAutoencoder
+from ..sae_models import SAEFormatError, SparseAutoencoder
+from ..sae_models.stats import features_index_path, read_features_index
 
 
 class _SAEContainer(nn.Module):
@@ -51,16 +51,12 @@ class SAEHandle:
         """The features index written beside the SAE file by training or `python -m sae_models stats`
         (`<name>.features.json`: each feature's top images), or None when there is none."""
         if self._index is None and self.path:
-            base = self.path[: -len(".safetensors")] if self.path.endswith(".safetensors") else self.path
-            path = base + ".features.json"
+            path = features_index_path(self.path)
             if os.path.isfile(path):
                 try:
-                    with open(path, encoding="utf-8") as f:
-                        index = json.load(f)
-                except (OSError, ValueError):
+                    self._index = read_features_index(path, self.sae.n_features)
+                except SAEFormatError:
                     return None  # an unreadable index only means no examples are shown
-                if len(index.get("features", [])) == self.sae.n_features:
-                    self._index = index
         return self._index
 
     def describe(self) -> str:

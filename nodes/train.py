@@ -18,7 +18,7 @@ from .. import sae_models
 from ..sae_models import shards
 from ..sae_models.blocks import SHORT_NAMES
 from ..sae_models.metrics import evaluate
-from ..sae_models.stats import summarize_features, write_features_index
+from ..sae_models.stats import features_index_path, summarize_features, write_features_index
 from ..sae_models.training import train
 from .common import CATEGORY, SAE, NodeInputError
 from .dump import resolve_dump_folder
@@ -136,7 +136,7 @@ class TrainSAE(io.ComfyNode):
         sae.stats, index = summarize_features(sae, stream("all", shuffle=False, with_meta=True), top_n=16)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         sae_models.save(sae, out)
-        write_features_index(index, out.removesuffix(".safetensors") + ".features.json")
+        write_features_index(index, features_index_path(out))
         shutil.rmtree(checkpoints, ignore_errors=True)
         name = os.path.relpath(out, folder_paths.get_folder_paths(FOLDER)[0]).replace(os.sep, "/")
         handle = SAEHandle(sae, name, out)

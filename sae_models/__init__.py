@@ -27,19 +27,20 @@ from .errors import SAEError, SAEFormatError, UnsafePickleError
 from .formats import detect
 from .formats import load
 from .formats.native import save
+from .features_table import FeatureTable
 from .metadata import FeatureStats, SAEConfig
 from . import metrics, shards, stats, training
 from .metrics import evaluate, fvu
 from .shards import ShardWriter, done_images, iter_vectors, read_manifest
-from .stats import feature_stats, features_index, write_features_index
+from .stats import feature_stats, features_index, read_features_index, write_features_index
 from .training import train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHITECTURES", "BatchTopKSAE", "Block", "FeatureStats", "JumpReLUSAE", "PAPER_BLOCKS", "ReLUSAE",
+    "ARCHITECTURES", "BatchTopKSAE", "Block", "FeatureStats", "FeatureTable", "JumpReLUSAE", "PAPER_BLOCKS", "ReLUSAE",
     "SAEConfig", "SAEError", "SAEFormatError", "SDXL_BLOCKS", "SparseAutoencoder", "SparseCodes", "TopKSAE",
     "UnsafePickleError", "block_from_text", "build", "detect", "find_block", "get_block", "load", "save",
     "ShardWriter", "done_images", "evaluate", "feature_stats", "features_index", "fvu", "iter_vectors", "metrics",
-    "read_manifest", "shards", "stats", "train", "training", "write_features_index",
+    "read_features_index", "read_manifest", "shards", "stats", "train", "training", "write_features_index",
 ]

@@ -85,7 +85,7 @@ def _train(args) -> int:
 
     from .metrics import evaluate
     from .shards import iter_vectors
-    from .stats import summarize_features, write_features_index
+    from .stats import features_index_path, summarize_features, write_features_index
     from .training import train
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -127,7 +127,7 @@ def _train(args) -> int:
     if not args.no_stats:
         sae.stats, index = summarize_features(sae, stream("all", with_meta=True), top_n=args.top_n,
                                               max_tokens=args.stats_tokens)
-        write_features_index(index, args.out.removesuffix(".safetensors") + ".features.json")
+        write_features_index(index, features_index_path(args.out))
     save(sae, args.out)
     print(f"wrote {args.out}")
     return 0
@@ -135,7 +135,7 @@ def _train(args) -> int:
 
 def _stats(args) -> int:
     from .shards import iter_vectors
-    from .stats import summarize_features, write_features_index
+    from .stats import features_index_path, summarize_features, write_features_index
 
     sae = load(args.sae)
     block = _block(args.dump, args.block or sae.config.block)
@@ -145,7 +145,7 @@ def _stats(args) -> int:
     stream = iter_vectors(args.dump, block, batch_size=4096, shuffle=False, with_meta=True)
     sae.stats, index = summarize_features(sae, stream, top_n=args.top_n, max_tokens=args.max_tokens)
     save(sae, out)
-    index_path = args.index or out.removesuffix(".safetensors") + ".features.json"
+    index_path = args.index or features_index_path(out)
     write_features_index(index, index_path)
     alive = int((sae.stats.frequency > 0).sum())
     print(f"wrote {out} (statistics over {sae.stats.n_vectors} vectors, {alive}/{sae.n_features} features fire) "
