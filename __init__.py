@@ -13,8 +13,10 @@ if importlib.util.find_spec("folder_paths") is None:
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 else:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes.feature_browser import register_routes
     from .nodes.sae_folder import register_sae_folder
 
     register_sae_folder()
+    register_routes()  # the feature browser page, where ComfyUI's server runs
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,5 +1,7 @@
 // SAE Unbox frontend extension: shows the text a node reports (the top-features ranking, the loaded
-// SAE's description) in a read-only box on the node, after each run and when a workflow is reopened.
+// SAE's description) in a read-only box on the node, after each run and when a workflow is reopened; and a
+// button on Load SAE that opens the feature browser page (served by the pack at /sae_unbox/browser).
+import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
@@ -45,6 +47,29 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       if (message?.text?.length) showText(this, message.text.map(summary).join("\n\n"));
+    };
+  },
+});
+
+export function featureBrowserURL(saeName) {
+  const path = `/sae_unbox/browser${saeName ? `?sae=${encodeURIComponent(saeName)}` : ""}`;
+  return api.apiURL ? api.apiURL(path) : path;
+}
+
+app.registerExtension({
+  name: "sae_unbox.feature_browser",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== "UnboxLoadSAE") return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      const sae = () => this.widgets?.find((w) => w.name === "sae_name")?.value;
+      const button = this.addWidget("button", "browse features", null, () => {
+        window.open(featureBrowserURL(sae()), "_blank");
+      });
+      button.serialize = false;  // an action, not an input: not saved in the workflow
+      button.options = { ...(button.options || {}), serialize: false };
+      return r;
     };
   },
 });

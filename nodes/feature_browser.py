@@ -1,0 +1,203 @@
+"""The feature browser: a page served by ComfyUI's own server that lists an SAE's features with their
+statistics and top dataset images (the features index written by training), searchable and sortable.
+
+Routes (also under ComfyUI's `/api` prefix):
+  GET /sae_unbox/browser                 the page (web/feature_browser.html)
+  GET /sae_unbox/saes                    SAEs in models/sae that have a features index
+  GET /sae_unbox/features?sae=NAME&sort=frequency|mean|max|feature&order=desc|asc&q=TEXT&hide_dead=1
+                         &offset=0&limit=50
+  GET /sae_unbox/image?sae=NAME&file=REL an image of the SAE's dump folder (only files inside it)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from aiohttp import web
+
+from ..sae_models import FeatureStats, FeatureTable, SAEError, load
+from ..sae_models.features_table import SORT_KEYS
+from ..sae_models.formats.native import read_summary
+from ..sae_models.stats import features_index_path, read_features_index
+from .common import NodeInputError
+from .load import available_saes, resolve_sae_path
+
+PREFIX = "/sae_unbox"
+PAGE = Path(__file__).resolve().parents[1] / "web" / "feature_browser.html"
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+MAX_LIMIT = 500
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Entry:
+    """One SAE as the browser sees it: its table and the dump folder its images are relative to."""
+
+    def __init__(self, name: str, path: str, index_path: str):
+        if path.endswith(".safetensors"):
+            config, stats = read_summary(path)
+        else:
+            sae = load(path)
+            config, stats = sae.config, sae.stats
+        index = read_features_index(index_path, config.n_features)
+        self.name, self.config = name, config
+        self.table = FeatureTable(index, stats or FeatureStats())
+        dump = index.get("dump")
+        self.dump = os.path.realpath(dump) if isinstance(dump, str) and dump else None
+
+    def summary(self) -> dict:
+        c, stats = self.config, self.table.stats
+        return {"name": self.name, "block": c.block, "architecture": c.architecture, "d_in": c.d_in,
+                "n_features": c.n_features, "k": c.k, "base_model": c.base_model,
+                "statistics": stats.present(), "top_n": self.table.index.get("top_n"),
+                "images": self.dump is not None and os.path.isdir(self.dump)}
+
+
+class FeatureBrowser:
+    """The route handlers. Parsed SAEs are kept per file version (path, size, mtime) for paging; a
+    changed file is read again."""
+
+    def __init__(self, cache_size: int = 4):
+        self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()  # handlers read in executor threads
+
+    def add_routes(self, routes: web.RouteTableDef) -> None:
+        routes.get(f"{PREFIX}/browser")(self.page)
+        routes.get(f"{PREFIX}/saes")(self.saes)
+        routes.get(f"{PREFIX}/features")(self.features)
+        routes.get(f"{PREFIX}/image")(self.image)
+
+    # -- reading (blocking; run off the event loop) --
+
+    def _entry(self, name: str) -> _Entry:
+        if not name:
+            raise _Refused(400, "give the SAE as ?sae=NAME (a name from /sae_unbox/saes)")
+        if name not in available_saes():
+            raise _Refused(404, f"no SAE named {name!r} in models/sae")
+        try:
+            path = resolve_sae_path(name)
+        except NodeInputError as e:
+            raise _Refused(404, str(e)) from None
+        index_path = features_index_path(path)
+        if not os.path.isfile(index_path):
+            raise _Refused(404, f"{name!r} has no features index ({os.path.basename(index_path)}); "
+                                f"write one with the SAE Train node or `python -m sae_models stats`")
+        key = (path, *_version(path), index_path, *_version(index_path))
+        with self._lock:
+            return self._cached(key, name, path, index_path)
+
+    def _cached(self, key: tuple, name: str, path: str, index_path: str) -> _Entry:
+        entry = self._cache.get(key)
+        if entry is None:
+            try:
+                entry = _Entry(name, path, index_path)
+            except SAEError as e:
+                raise _Refused(422, str(e)) from None
+            self._cache = OrderedDict((k, v) for k, v in self._cache.items() if k[0] != path)
+            self._cache[key] = entry
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return entry
+
+    def _list(self) -> list[dict]:
+        out = []
+        for name in available_saes():
+            try:
+                path = resolve_sae_path(name)
+            except NodeInputError:
+                continue
+            if not os.path.isfile(features_index_path(path)):
+                continue
+            try:
+                out.append(self._entry(name).summary())
+            except _Refused as e:
+                out.append({"name": name, "error": str(e)})
+        return out
+
+    def _query(self, q) -> dict:
+        entry = self._entry(q.get("sae", ""))
+        order = q.get("order", "desc")
+        if order not in ("desc", "asc"):
+            raise _Refused(400, f"order must be desc or asc, got {order!r}")
+        sort = q.get("sort", "frequency")
+        if sort not in SORT_KEYS:
+            raise _Refused(400, f"sort must be one of {', '.join(SORT_KEYS)}, got {sort!r}")
+        try:
+            offset, limit = int(q.get("offset", 0)), int(q.get("limit", 50))
+        except ValueError:
+            raise _Refused(400, "offset and limit must be integers") from None
+        if offset < 0 or not 1 <= limit <= MAX_LIMIT:
+            raise _Refused(400, f"offset must be >= 0 and limit between 1 and {MAX_LIMIT}")
+        result = entry.table.query(sort=sort, descending=order == "desc", text=q.get("q", ""),
+                                   hide_dead=q.get("hide_dead", "0") in ("1", "true"), offset=offset, limit=limit)
+        return {"sae": entry.summary(), **result}
+
+    def _image_path(self, q) -> str:
+        entry = self._entry(q.get("sae", ""))
+        rel = q.get("file", "")
+        if entry.dump is None:
+            raise _Refused(404, f"the features index of {entry.name!r} records no dump folder")
+        path = os.path.realpath(os.path.join(entry.dump, rel))
+        if not rel or os.path.commonpath([path, entry.dump]) != entry.dump:
+            raise _Refused(403, f"{rel!r} is not a file inside the dump folder of {entry.name!r}")
+        if os.path.splitext(path)[1].lower() not in IMAGE_TYPES:
+            raise _Refused(403, f"{rel!r} is not an image ({', '.join(IMAGE_TYPES)})")
+        if not os.path.isfile(path):
+            raise _Refused(404, f"{rel!r} is not in {entry.dump} (moved or deleted?)")
+        return path
+
+    # -- handlers --
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(PAGE, headers={"Content-Type": "text/html; charset=utf-8",
+                                               "Cache-Control": "no-cache"})
+
+    async def saes(self, request: web.Request) -> web.Response:
+        return await _answer(self._list)
+
+    async def features(self, request: web.Request) -> web.Response:
+        return await _answer(self._query, request.query)
+
+    async def image(self, request: web.Request) -> web.StreamResponse:
+        try:
+            path = await asyncio.get_running_loop().run_in_executor(None, self._image_path, request.query)
+        except _Refused as e:
+            return web.json_response({"error": str(e)}, status=e.status)
+        return web.FileResponse(path, headers={"Content-Type": IMAGE_TYPES[os.path.splitext(path)[1].lower()],
+                                               "Cache-Control": "max-age=3600"})
+
+
+async def _answer(fn, *args) -> web.Response:
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    except _Refused as e:
+        return web.json_response({"error": str(e)}, status=e.status)
+    return web.json_response(result)
+
+
+def _version(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def register_routes() -> bool:
+    """Add the browser's routes to the running ComfyUI server; False where there is none (the pack imported
+    by a script or a test harness rather than by `main.py`)."""
+    import sys
+
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    FeatureBrowser().add_routes(instance.routes)
+    return True
