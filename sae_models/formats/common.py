@@ -48,15 +48,16 @@ def load_pickle(path: Path):
         raise SAEFormatError(path, f"corrupt or truncated file ({msg})") from None
 
 
-def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a safetensors file and its metadata, with clear errors for bad files."""
+def load_safetensors(path: Path, select=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file (those whose name `select(name)` accepts, default all) and its
+    metadata, with clear errors for bad files."""
     from safetensors import safe_open
     from safetensors import SafetensorError
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if select is None or select(k)}
     except FileNotFoundError:
         raise SAEFormatError(path, "file not found") from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:

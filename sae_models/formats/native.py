@@ -65,14 +65,8 @@ def save(sae: SparseAutoencoder, path) -> Path:
 
 def from_loaded(path, tensors: dict, meta: dict) -> SparseAutoencoder:
     """Build the SAE from the contents of a native file."""
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise SAEFormatError(path, f"unsupported {FORMAT_NAME} format_version {meta.get('format_version')!r}")
-    try:
-        config = SAEConfig.from_dict(json.loads(meta["config"]))
-    except KeyError:
-        raise SAEFormatError(path, "metadata has no 'config' entry") from None
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise SAEFormatError(path, f"metadata 'config' is invalid ({e})") from None
+    _check_header(path, meta)
+    config = _config(path, meta)
     stats = FeatureStats(
         **{n: tensors[f"stats.{n}"] for n in STAT_NAMES if f"stats.{n}" in tensors},
         n_vectors=int(meta["stats_n_vectors"]) if "stats_n_vectors" in meta else None,
@@ -90,37 +84,33 @@ def from_loaded(path, tensors: dict, meta: dict) -> SparseAutoencoder:
     )
 
 
-def read_summary(path) -> tuple[SAEConfig, FeatureStats]:
-    """The configuration and per-feature statistics of a native file, without reading its weights."""
-    from safetensors import SafetensorError, safe_open
-
+def _config(path, meta: dict) -> SAEConfig:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if not is_native(meta):
-                raise SAEFormatError(path, f"not a {FORMAT_NAME} file (no 'format' entry in its metadata)")
-            stats = {n: f.get_tensor(f"stats.{n}") for n in STAT_NAMES if f"stats.{n}" in f.keys()}
-    except FileNotFoundError:
-        raise SAEFormatError(path, "file not found") from None
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SAEFormatError(path, f"corrupt or truncated safetensors file ({msg})") from None
-    try:
-        config = SAEConfig.from_dict(json.loads(meta["config"]))
+        return SAEConfig.from_dict(json.loads(meta["config"]))
     except KeyError:
         raise SAEFormatError(path, "metadata has no 'config' entry") from None
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise SAEFormatError(path, f"metadata 'config' is invalid ({e})") from None
-    for name, t in stats.items():
-        if tuple(t.shape) != (config.n_features,):
-            raise SAEFormatError(path, f"tensor 'stats.{name}' has shape {list(t.shape)}, "
-                                       f"expected [{config.n_features}] from the config")
+
+
+def read_summary(path) -> tuple[SAEConfig, FeatureStats]:
+    """The configuration and per-feature statistics of a native file, without reading its weights."""
+    tensors, meta = load_safetensors(Path(path), select=lambda name: name.startswith("stats."))
+    _check_header(path, meta)
+    config = _config(path, meta)
+    stats = {n: require(path, tensors, f"stats.{n}", (config.n_features,))
+             for n in STAT_NAMES if f"stats.{n}" in tensors}
     n = int(meta["stats_n_vectors"]) if "stats_n_vectors" in meta else None
     return config, FeatureStats(**stats, n_vectors=n)
 
 
-def load(path) -> SparseAutoencoder:
-    tensors, meta = load_safetensors(Path(path))
+def _check_header(path, meta: dict) -> None:
     if not is_native(meta):
         raise SAEFormatError(path, f"not a {FORMAT_NAME} file (no 'format' entry in its metadata)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SAEFormatError(path, f"unsupported {FORMAT_NAME} format_version {meta.get('format_version')!r}")
+
+
+def load(path) -> SparseAutoencoder:
+    tensors, meta = load_safetensors(Path(path))
     return from_loaded(path, tensors, meta)

@@ -84,6 +84,14 @@ def test_summary_reads_config_and_statistics_without_weights(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(SAEFormatError, match="junk.safetensors"):
         read_summary(tmp_path / "junk.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file({**tensors, "stats.mean": torch.ones(4)}, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(SAEFormatError, match=r"'stats.mean' has shape \[4\], expected \[5\]"):
+        read_summary(tmp_path / "bad.safetensors")
 
 
 def test_index_read_back_with_checks(tmp_path):
