@@ -196,7 +196,7 @@ def dump() -> dict:
     ckpt = g.add("CheckpointLoaderSimple", [CHECKPOINT], (0, 0))
     prompts = g.add("UnboxPromptList", ["a photo of a cat sleeping on a sofa\na watercolor of a lighthouse at dawn\n"
                                         "an astronaut riding a horse on the moon", "", 0, "increment", 0],
-                    (0, 200), title="Prompts (queue N times, or use scripts/queue_prompts.py)")
+                    (0, 200), title="Prompts (one per run)")
     pos = g.add("CLIPTextEncode", [""], (380, 0), title="Prompt", clip=(ckpt, 1), text=(prompts, 0))
     neg = g.add("CLIPTextEncode", [""], (380, 220), title="Negative (unused at cfg 1)", clip=(ckpt, 1))
     latent = g.add("EmptyLatentImage", [512, 512, 1], (380, 420))

@@ -59,6 +59,12 @@ def test_templates_dialog_opens_the_packs_example(page):
              for name in ("explore", "paint", "feature_icon", "ablate", "reconstruct")}
     for card in cards.values():
         card.wait_for(timeout=30_000)
+    # the thumbnails (example_workflows/<name>.jpg) are shown on the cards
+    for name, card in cards.items():
+        card.scroll_into_view_if_needed()
+        card.locator("img").first.wait_for(timeout=30_000)
+        page.wait_for_function("(el) => el.complete && el.naturalWidth === 640",
+                               arg=card.locator("img").first.element_handle(), timeout=30_000)
     cards["explore"].click()
     page.wait_for_function("() => window.app.graph._nodes.some(n => n.type === 'UnboxTopFeatures')", timeout=30_000)
     types = page.evaluate("() => window.app.graph._nodes.map(n => n.type)")

@@ -7,6 +7,7 @@ the paper's four SAE folders are written, in the release's exact layout, at the 
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -184,6 +185,11 @@ def test_templates_are_listed_and_served(server):
     assert set(names) == NAMES
     wf = requests.get(f"{server.url}/api/workflow_templates/{pack}/explore.json", timeout=30).json()
     assert wf["nodes"] and wf["links"]
+    # each has the thumbnail the Templates dialog shows (scripts/make_template_thumbnails.py)
+    for name in NAMES:
+        r = requests.get(f"{server.url}/api/workflow_templates/{pack}/{name}.jpg", timeout=30)
+        assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg", name
+        assert Image.open(io.BytesIO(r.content)).size == (640, 480), name
 
 
 def test_quickstart_runs_the_explore_workflow(server, tmp_path):
