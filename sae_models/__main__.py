@@ -236,4 +236,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, leave without the interpreter's teardown: gloo's worker threads can outlive
+        # destroy_process_group() and abort the process (SIGABRT, "terminate called without an active
+        # exception") while Python finalizes, after the work is done and every file is written and closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

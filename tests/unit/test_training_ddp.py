@@ -38,6 +38,9 @@ def _worker(rank, init_file, out_dir):
     if rank == 0:
         torch.save({n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
                    | {"steps": sae.config.hyperparameters["steps"]}, os.path.join(out_dir, "ddp.pt"))
+    # As `python -m sae_models` does under torchrun: no interpreter teardown, where gloo's leftover worker
+    # threads can abort the process after the work is done.
+    os._exit(0)
 
 
 @pytest.mark.slow
