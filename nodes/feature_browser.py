@@ -3,7 +3,7 @@ statistics and top dataset images (the features index written by training), sear
 
 Routes (also under ComfyUI's `/api` prefix):
   GET /sae_unbox/browser                 the page (web/feature_browser.html)
-  GET /sae_unbox/saes                    SAEs in models/sae that have a features index
+  GET /sae_unbox/saes                    SAEs in models/sae that have a features index (their headers)
   GET /sae_unbox/features?sae=NAME&sort=frequency|mean|max|feature&order=desc|asc&q=TEXT&hide_dead=1
                          &offset=0&limit=50
   GET /sae_unbox/image?sae=NAME&file=REL an image of the SAE's dump folder (only files inside it)
@@ -38,15 +38,25 @@ class _Refused(Exception):
         self.status = status
 
 
+def _header(path: str):
+    """An SAE's config and statistics; native files are read without their weights."""
+    if path.endswith(".safetensors"):
+        return read_summary(path)
+    sae = load(path)
+    return sae.config, sae.stats
+
+
+def _describe(name: str, config, stats: FeatureStats) -> dict:
+    return {"name": name, "block": config.block, "architecture": config.architecture, "d_in": config.d_in,
+            "n_features": config.n_features, "k": config.k, "base_model": config.base_model,
+            "statistics": stats.present()}
+
+
 class _Entry:
     """One SAE as the browser sees it: its table and the dump folder its images are relative to."""
 
     def __init__(self, name: str, path: str, index_path: str):
-        if path.endswith(".safetensors"):
-            config, stats = read_summary(path)
-        else:
-            sae = load(path)
-            config, stats = sae.config, sae.stats
+        config, stats = _header(path)
         index = read_features_index(index_path, config.n_features)
         self.name, self.config = name, config
         self.table = FeatureTable(index, stats or FeatureStats())
@@ -54,10 +64,7 @@ class _Entry:
         self.dump = os.path.realpath(dump) if isinstance(dump, str) and dump else None
 
     def summary(self) -> dict:
-        c, stats = self.config, self.table.stats
-        return {"name": self.name, "block": c.block, "architecture": c.architecture, "d_in": c.d_in,
-                "n_features": c.n_features, "k": c.k, "base_model": c.base_model,
-                "statistics": stats.present(), "top_n": self.table.index.get("top_n"),
+        return {**_describe(self.name, self.config, self.table.stats), "top_n": self.table.index.get("top_n"),
                 "images": self.dump is not None and os.path.isdir(self.dump)}
 
 
@@ -118,9 +125,9 @@ class FeatureBrowser:
                 continue
             if not os.path.isfile(features_index_path(path)):
                 continue
-            try:
-                out.append(self._entry(name).summary())
-            except _Refused as e:
+            try:  # the header only: listing does not parse every index
+                out.append(_describe(name, *_header(path)))
+            except SAEError as e:
                 out.append({"name": name, "error": str(e)})
         return out
 

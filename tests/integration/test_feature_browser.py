@@ -75,9 +75,10 @@ def test_lists_the_saes_that_have_an_index(browsable):
         assert r.status_code == 200
         listed = {s["name"]: s for s in r.json()}
         assert listed[NAME] == {"name": NAME, "block": "mid.0", "architecture": "topk", "d_in": D, "n_features": F,
-                                "k": K, "base_model": "sdxl-turbo", "statistics": ["mean", "frequency", "std"],
-                                "top_n": 5, "images": True}
+                                "k": K, "base_model": "sdxl-turbo", "statistics": ["mean", "frequency", "std"]}
         assert all(s.get("error") is None for s in listed.values())
+    sae = get(server, "/sae_unbox/features", sae=NAME, limit=1).json()["sae"]
+    assert sae == {**listed[NAME], "top_n": 5, "images": True}
 
 
 def test_features_agree_with_codes_computed_from_the_shards(browsable):
