@@ -109,8 +109,8 @@ def _train(args) -> int:
         if own_group:
             dist.barrier()  # no rank starts tearing down while another is still finishing a collective
     finally:
-        # Every rank tears its group down before exiting: a gloo group still alive at interpreter exit can
-        # abort the process (SIGABRT). Rank 0 evaluates and writes the file alone, without the group.
+        # Every rank tears its group down as soon as training is over; rank 0 then evaluates and writes the
+        # file alone, without the group (see the os._exit at the bottom for leaving the process).
         if own_group:
             dist.destroy_process_group()
     if rank != 0:

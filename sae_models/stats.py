@@ -105,6 +105,9 @@ class _TopImages:
     """Running top-N distinct images per feature (value of the image's best row, and that row's position)."""
 
     def __init__(self, n_features: int, top_n: int):
+        if top_n < 1:
+            raise ValueError(f"top_n must be >= 1, got {top_n}")
+        top_n = int(top_n)
         self.F, self.N = n_features, top_n
         self.value = torch.full((n_features, top_n), float("-inf"))
         self.key = torch.full((n_features, top_n), -1, dtype=torch.int64)
@@ -183,8 +186,6 @@ def _stream_info(stream, records, sae):
     return writers, records, getattr(stream, "block", None) or sae.config.block
 
 
-
-
 @torch.no_grad()
 def features_index(sae: SparseAutoencoder, stream_with_meta, *, top_n: int = 16, records=None) -> dict:
     """For each feature, its `top_n` most activating images (distinct), with the position and value of each
@@ -197,16 +198,12 @@ def features_index(sae: SparseAutoencoder, stream_with_meta, *, top_n: int = 16,
     Returns `{"block", "n_features", "top_n", "features": [[{"writer", "image", "position": [h, w], "value",
     "grid": [H, W]?, "prompt"?, "seed"?, "file"?}, ...], ...]}`.
     """
-    if top_n < 1:
-        raise ValueError(f"top_n must be >= 1, got {top_n}")
     writers, records, block = _stream_info(stream_with_meta, records, sae)
-    top = _TopImages(sae.n_features, int(top_n))
-    for item in stream_with_meta:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
+    top = _TopImages(sae.n_features, top_n)
+    for x, meta in _limited(stream_with_meta, None):
+        if meta is None:
             raise ValueError("features_index needs a stream with metadata (iter_vectors(..., with_meta=True))")
-        x, meta = item
-        if len(x):
-            top.add_codes(*sae.encode_sparse(x.to(sae.device)), meta)
+        top.add_codes(*sae.encode_sparse(x.to(sae.device)), meta)
     return top.to_index(writers, records, block)
 
 
@@ -215,11 +212,9 @@ def summarize_features(sae: SparseAutoencoder, stream_with_meta, *, top_n: int =
                        max_tokens: int | None = None) -> tuple[FeatureStats, dict]:
     """`feature_stats` and `features_index` in ONE pass over the data (each vector encoded once), on at most
     `max_tokens` vectors. The index also records the dump folder (`"dump"`) when the stream has one."""
-    if top_n < 1:
-        raise ValueError(f"top_n must be >= 1, got {top_n}")
     writers, records, block = _stream_info(stream_with_meta, records, sae)
     moments = _Moments(sae.n_features, sae.device)
-    top = _TopImages(sae.n_features, int(top_n))
+    top = _TopImages(sae.n_features, top_n)
     for x, meta in _limited(stream_with_meta, max_tokens):
         if meta is None:
             raise ValueError("summarize_features needs a stream with metadata (iter_vectors(..., with_meta=True))")
