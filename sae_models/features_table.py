@@ -26,15 +26,17 @@ class FeatureTable:
 
     def row(self, f: int) -> dict:
         """One feature: its statistics (None where unknown), best value in the index, and top images."""
+        return {"feature": f, **{name: self._stat(name, f) for name in ("frequency", "mean", "std")},
+                "max": self._max(f), "top": self.index["features"][f]}
+
+    def _stat(self, name: str, f: int) -> float | None:
+        t = getattr(self.stats, name)
+        v = float(t[f]) if t is not None else None
+        return v if v is None or math.isfinite(v) else None
+
+    def _max(self, f: int) -> float | None:
         top = self.index["features"][f]
-        out = {"feature": f}
-        for name in ("frequency", "mean", "std"):
-            t = getattr(self.stats, name)
-            v = float(t[f]) if t is not None else None
-            out[name] = v if v is None or math.isfinite(v) else None
-        out["max"] = float(top[0]["value"]) if top else None
-        out["top"] = top
-        return out
+        return float(top[0]["value"]) if top else None
 
     def _dead(self, f: int) -> bool:
         freq = self.stats.frequency
@@ -62,24 +64,19 @@ class FeatureTable:
             ids = [f for f in range(self.n_features) if _prompts_match(self.index["features"][f], words)]
         if hide_dead:
             ids = [f for f in ids if not self._dead(f)]
-        keyed = [(self._key(f, sort), f) for f in ids]
-        known = sorted((kf for kf in keyed if kf[0] is not None), key=lambda kf: (kf[0], -kf[1] if descending else kf[1]),
-                       reverse=descending)
-        ordered = [f for _, f in known] + [f for k, f in keyed if k is None]
+        key = {f: self._key(f, sort) for f in ids}
+        # ids ascend and sorted() is stable (also with reverse), so ties keep the lower id first
+        known = sorted((f for f in ids if key[f] is not None), key=key.__getitem__, reverse=descending)
+        ordered = known + [f for f in ids if key[f] is None]
         page = ordered[offset: offset + limit]
         return {"total": len(ordered), "offset": offset, "limit": limit, "features": [self.row(f) for f in page]}
 
-    def _key(self, f: int, sort: str):
+    def _key(self, f: int, sort: str) -> float | None:
         if sort == "feature":
             return f
         if sort == "max":
-            top = self.index["features"][f]
-            return float(top[0]["value"]) if top else None
-        t = getattr(self.stats, sort)
-        if t is None:
-            return None
-        v = float(t[f])
-        return v if math.isfinite(v) else None
+            return self._max(f)
+        return self._stat(sort, f)
 
 
 def _prompts_match(entries: list, words: list[str]) -> bool:
