@@ -59,7 +59,7 @@ class _Entry:
         config, stats = _header(path)
         index = read_features_index(index_path, config.n_features)
         self.name, self.config = name, config
-        self.table = FeatureTable(index, stats or FeatureStats())
+        self.table = FeatureTable(index, stats)
         dump = index.get("dump")
         self.dump = os.path.realpath(dump) if isinstance(dump, str) and dump else None
 
@@ -88,7 +88,9 @@ class FeatureBrowser:
     def _entry(self, name: str) -> _Entry:
         if not name:
             raise _Refused(400, "give the SAE as ?sae=NAME (a name from /sae_unbox/saes)")
-        if name not in available_saes():
+        with self._lock:
+            known = any(k[0] == name for k in self._cache)
+        if not known and name not in available_saes():  # the folder walk only for a name not seen yet
             raise _Refused(404, f"no SAE named {name!r} in models/sae")
         try:
             path = resolve_sae_path(name)
@@ -98,7 +100,7 @@ class FeatureBrowser:
         if not os.path.isfile(index_path):
             raise _Refused(404, f"{name!r} has no features index ({os.path.basename(index_path)}); "
                                 f"write one with the SAE Train node or `python -m sae_models stats`")
-        key = (path, *_version(path), index_path, *_version(index_path))
+        key = (name, path, *_version(path), index_path, *_version(index_path))
         with self._lock:
             return self._cached(key, name, path, index_path)
 
@@ -109,7 +111,7 @@ class FeatureBrowser:
                 entry = _Entry(name, path, index_path)
             except SAEError as e:
                 raise _Refused(422, str(e)) from None
-            self._cache = OrderedDict((k, v) for k, v in self._cache.items() if k[0] != path)
+            self._cache = OrderedDict((k, v) for k, v in self._cache.items() if k[1] != path)
             self._cache[key] = entry
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -176,20 +178,21 @@ class FeatureBrowser:
         return await _answer(self._query, request.query)
 
     async def image(self, request: web.Request) -> web.StreamResponse:
-        try:
-            path = await asyncio.get_running_loop().run_in_executor(None, self._image_path, request.query)
-        except _Refused as e:
-            return web.json_response({"error": str(e)}, status=e.status)
-        return web.FileResponse(path, headers={"Content-Type": IMAGE_TYPES[os.path.splitext(path)[1].lower()],
-                                               "Cache-Control": "max-age=3600"})
+        return await _answer(self._image_path, request.query, respond=_image_response)
 
 
-async def _answer(fn, *args) -> web.Response:
+async def _answer(fn, *args, respond=web.json_response) -> web.StreamResponse:
+    """`respond(fn(*args))`, with `fn` run off the event loop; a refusal becomes a JSON error."""
     try:
         result = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
     except _Refused as e:
         return web.json_response({"error": str(e)}, status=e.status)
-    return web.json_response(result)
+    return respond(result)
+
+
+def _image_response(path: str) -> web.FileResponse:
+    return web.FileResponse(path, headers={"Content-Type": IMAGE_TYPES[os.path.splitext(path)[1].lower()],
+                                           "Cache-Control": "max-age=3600"})
 
 
 def _version(path: str) -> tuple[int, int]:
