@@ -10,6 +10,7 @@ The server must have this pack installed (its nodes draw the graph). Needs Playw
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import shutil
@@ -46,8 +47,6 @@ def capture(page, workflow: dict) -> bytes:
         canvas.draw(true, true);
         return canvas.canvas.toDataURL('image/png');
     }""")
-    import base64
-
     return base64.b64decode(data_url.split(",", 1)[1])
 
 
@@ -63,10 +62,9 @@ def to_thumbnail(png: bytes) -> bytes:
         img = img.crop((max(box[0] - m, 0), max(box[1] - m, 0), min(box[2] + m, img.width), min(box[3] + m, img.height)))
     framed = Image.new("RGB", _aspect(img.size), img.getpixel((0, 0)))
     framed.paste(img, ((framed.width - img.width) // 2, (framed.height - img.height) // 2))
-    img = framed
-    img.thumbnail(SIZE, Image.Resampling.LANCZOS)
+    framed.thumbnail(SIZE, Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    img.save(out, format="JPEG", quality=85, optimize=True)
+    framed.save(out, format="JPEG", quality=85, optimize=True)
     return out.getvalue()
 
 
@@ -88,6 +86,7 @@ def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
 
     paths = [WORKFLOWS / f"{n}.json" for n in args.names] or sorted(WORKFLOWS.glob("*.json"))
+    args.out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=FLAGS)
         page = browser.new_page(viewport={"width": SIZE[0] * 2, "height": SIZE[1] * 2})
@@ -95,7 +94,6 @@ def main(argv=None) -> int:
         page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=120_000)
         for path in paths:
             jpg = to_thumbnail(capture(page, json.loads(path.read_text())))
-            args.out.mkdir(parents=True, exist_ok=True)
             dst = args.out / f"{path.stem}.jpg"
             tmp = dst.with_suffix(".jpg.tmp")
             tmp.write_bytes(jpg)

@@ -8,15 +8,19 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 const TEXT_NODES = new Set(["UnboxTopFeatures", "UnboxLoadSAE"]);
 const WIDGET = "sae_unbox_text";
 
+// A widget for display or action only: neither saved in the workflow nor sent to the server as an input.
+function notAnInput(widget) {
+  widget.serialize = false;
+  widget.options = { ...(widget.options || {}), serialize: false };
+}
+
 function showText(node, text) {
   let widget = node.widgets?.find((w) => w.name === WIDGET);
   if (!widget) {
     widget = ComfyWidgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
     widget.inputEl.readOnly = true;
     widget.inputEl.style.opacity = 0.75;
-    // display only: neither saved in the workflow nor sent to the server as an input
-    widget.serialize = false;
-    widget.options = { ...(widget.options || {}), serialize: false };
+    notAnInput(widget);
   }
   widget.value = text;
   node.setSize?.([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
@@ -67,8 +71,7 @@ app.registerExtension({
       const button = this.addWidget("button", "browse features", null, () => {
         window.open(featureBrowserURL(sae()), "_blank");
       });
-      button.serialize = false;  // an action, not an input: not saved in the workflow
-      button.options = { ...(button.options || {}), serialize: false };
+      notAnInput(button);
       return r;
     };
   },
