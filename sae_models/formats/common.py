@@ -93,6 +93,8 @@ def assemble(
     """Build an SAE from tensors in the canonical layout (`W_enc`, `W_dec` both `[n_features, d_in]`),
     checking every shape against the config. Missing biases are zeros. The SAE keeps the tensors' dtype."""
     n, d = config.n_features, config.d_in
+    for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec), ("threshold", threshold)):
+        check_finite(path, f"tensor {name}", t)
     checks = {"W_enc": (W_enc, (n, d)), "W_dec": (W_dec, (n, d))}
     if b_enc is not None:
         checks["b_enc"] = (b_enc, (n,))
@@ -134,3 +136,15 @@ def check_stats(path, stats: FeatureStats | None, n: int):
         t = getattr(stats, name)
         if tuple(t.shape) != (n,):
             raise SAEFormatError(path, f"statistic {name!r} has shape {list(t.shape)}, expected [{n}]")
+        check_finite(path, f"statistic {name!r}", t)
+
+
+def check_finite(path, what: str, t: torch.Tensor | None) -> None:
+    """Refuse a tensor holding NaN or inf: an SAE with them turns every image it touches black."""
+    if t is None or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise SAEFormatError(path, f"{what} holds {int(bad.sum())} non-finite value(s) (NaN or inf), "
+                                   f"the first at index {where}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..architectures import SparseAutoencoder
 from ..errors import SAEFormatError
 from ..metadata import STAT_NAMES, FeatureStats, SAEConfig
-from .common import assemble, load_safetensors, require
+from .common import assemble, check_stats, load_safetensors, require
 
 FORMAT_NAME = "comfyui-sae"
 FORMAT_VERSION = "1"
@@ -101,7 +101,9 @@ def read_summary(path) -> tuple[SAEConfig, FeatureStats]:
     stats = {n: require(path, tensors, f"stats.{n}", (config.n_features,))
              for n in STAT_NAMES if f"stats.{n}" in tensors}
     n = int(meta["stats_n_vectors"]) if "stats_n_vectors" in meta else None
-    return config, FeatureStats(**stats, n_vectors=n)
+    summary = FeatureStats(**stats, n_vectors=n)
+    check_stats(path, summary, config.n_features)
+    return config, summary
 
 
 def _check_header(path, meta: dict) -> None:

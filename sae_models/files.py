@@ -1,0 +1,83 @@
+"""Writing files so that a crash, a full disk or an interrupt never leaves a half-written one.
+
+Every file the library (and the pack) writes goes through `atomic_target`: the content is written to a
+uniquely named temporary file in the destination folder, flushed to disk, then renamed over the
+destination in one step; on any failure the temporary file is removed and the destination is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+
+def write_new(path, data: bytes) -> None:
+    """Write `data` to `path`, which must not exist yet, and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path) -> None:
+    """Flush a file or folder to disk (a folder after a rename in it, so the rename survives a power cut).
+    Best effort: where a platform cannot, nothing happens."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temporary_name(path) -> Path:
+    """A fresh hidden name beside `path` for its temporary file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_target(path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for a writer (torch.save, safetensors' save_file, ...) to fill.
+    When the block ends normally the file is fsynced and renamed onto `path`; when it raises, the temporary
+    file is removed and `path` is untouched. With `replace=False` an existing `path` is never overwritten
+    (FileExistsError)."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        if not replace and path.exists():
+            raise FileExistsError(17, "exists, not overwritten", str(path))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes, *, replace: bool = True) -> Path:
+    """Write `data` to `path` atomically (see `atomic_target`)."""
+    with atomic_target(path, replace=replace) as tmp:
+        write_new(tmp, data)
+    return Path(path)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
