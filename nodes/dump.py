@@ -30,6 +30,7 @@ import folder_paths
 
 from ..sae_models import shards
 from ..sae_models.blocks import PAPER_BLOCKS, SHORT_NAMES, Block, find_block
+from . import paths
 from .common import CATEGORY, TARGET_CHOICES, NodeInputError, parse_steps
 from .patch import CallInfo, Edit, attach_edit, block_channels
 
@@ -45,13 +46,10 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FLUSH = ["when the queue is empty", "after every prompt", "only when a shard is full"]
 
 
-def resolve_dump_folder(node: str, folder: str) -> str:
-    """An absolute dump folder: as given when absolute, else under ComfyUI's output folder."""
-    folder = (folder or "").strip()
-    if not folder:
-        raise NodeInputError(node, "the dump folder is empty")
-    path = folder if os.path.isabs(folder) else os.path.join(folder_paths.get_output_directory(), folder)
-    return os.path.abspath(os.path.expanduser(path))
+def resolve_dump_folder(node: str, folder: str, input_name: str = "folder") -> str:
+    """The absolute dump folder a widget names: under ComfyUI's output folder, or in a dump folder the
+    server's owner registered (`paths.dump_folder`). Nothing is created."""
+    return paths.dump_folder(node, input_name, folder)
 
 
 def parse_blocks(node: str, text: str) -> tuple[Block, ...]:
@@ -195,8 +193,9 @@ class DumpActivations(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.String.Input("folder", default="sae_dumps/sdxl_turbo",
-                                tooltip="Dump folder; relative paths are under ComfyUI's output folder. Several "
-                                "processes or machines may dump into the same folder."),
+                                tooltip="Dump folder under ComfyUI's output folder, or '<name>/<path>' in a dump "
+                                "folder the server's owner registered (see README). Several processes or "
+                                "machines may dump into the same folder."),
                 io.String.Input("blocks", default="paper",
                                 tooltip="'paper' (down.2.1, mid.0, up.0.0, up.0.1) or block names, e.g. 'down.2.1 up.0.1'."),
                 io.String.Input("steps", default="all", tooltip="'all', or step indices such as '0' or '0, 2-3'."),
@@ -213,6 +212,10 @@ class DumpActivations(io.ComfyNode):
             ],
             outputs=[io.Model.Output(), SAE_DUMP.Output(display_name="dump")],
         )
+
+    @classmethod
+    def validate_inputs(cls, folder):
+        return _valid(lambda: resolve_dump_folder(DUMP, folder), folder)
 
     @classmethod
     def execute(cls, model, folder, blocks, steps, apply_to, fields, dtype, rows_per_shard, writer_id="") -> io.NodeOutput:
@@ -363,16 +366,33 @@ class DumpImages(io.ComfyNode):
         return io.NodeOutput(ui={"text": [text]})
 
 
+def _valid(check, value) -> bool | str:
+    """validate_inputs' answer: True, or the error of `check()`. A value that comes from a link is not known
+    before the run (ComfyUI passes None) and is checked when the node runs."""
+    if value is None:
+        return True
+    try:
+        check()
+    except NodeInputError as e:
+        return str(e)
+    return True
+
+
+PROMPT_FILES = (".txt",)
+NO_FILE = ""
+
+
 def read_prompts(node: str, text: str, file: str) -> list[str]:
-    """Prompts, one a line (blank lines and lines starting with '#' skipped), from `text` or `file`."""
+    """Prompts, one a line (blank lines and lines starting with '#' skipped), from `text` or from `file`, a
+    text file in ComfyUI's input folder."""
     file = (file or "").strip()
     if file:
-        path = file if os.path.isabs(file) else os.path.join(folder_paths.get_input_directory(), file)
+        path = paths.input_file(node, "file", file, PROMPT_FILES)
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
-        except OSError as e:
-            raise NodeInputError(node, f"cannot read the prompt file {path}: {e.strerror or e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise NodeInputError(node, f"cannot read the prompt file {file!r}: {getattr(e, 'strerror', None) or e}") from None
     prompts = [ln.strip() for ln in (text or "").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
@@ -393,8 +413,9 @@ class PromptList(io.ComfyNode):
             inputs=[
                 io.String.Input("prompts", multiline=True, default="a photo of a cat\na watercolor of a lighthouse",
                                 tooltip="One prompt a line; ignored when a file is given."),
-                io.String.Input("file", default="", tooltip="A text file, one prompt a line (relative paths are "
-                                "under ComfyUI's input folder)."),
+                io.Combo.Input("file", options=[NO_FILE, *paths.input_files(PROMPT_FILES)], default=NO_FILE,
+                               tooltip="A .txt file in ComfyUI's input folder, one prompt a line (empty: use the "
+                               "box above)."),
                 io.Int.Input("index", default=0, min=0, max=1 << 31, control_after_generate=True),
                 io.Int.Input("seed_base", default=0, min=0, max=1 << 48,
                              tooltip="The 'seed' output is seed_base + index: one reproducible seed per prompt."),
@@ -412,13 +433,17 @@ class PromptList(io.ComfyNode):
                              ui={"text": [f"{index + 1}/{len(items)}: {items[index]}"]})
 
     @classmethod
+    def validate_inputs(cls, file):
+        # Listed here so that ComfyUI does not refuse a file added to input/ since the list was made; the
+        # file is checked as the node would read it.
+        return _valid(lambda: (file or "").strip() and paths.input_file(PROMPTS, "file", file, PROMPT_FILES), file)
+
+    @classmethod
     def fingerprint_inputs(cls, prompts, file, index, seed_base=0):
-        path = (file or "").strip()
-        if path:
-            full = path if os.path.isabs(path) else os.path.join(folder_paths.get_input_directory(), path)
+        if (file or "").strip():
             try:
-                st = os.stat(full)
-                return f"{prompts}|{full}|{st.st_mtime_ns}|{st.st_size}|{index}|{seed_base}"
-            except OSError:
+                st = os.stat(paths.input_file(PROMPTS, "file", file, PROMPT_FILES))
+                return f"{prompts}|{file}|{st.st_mtime_ns}|{st.st_size}|{index}|{seed_base}"
+            except (NodeInputError, OSError):
                 pass
-        return f"{prompts}|{path}|{index}|{seed_base}"
+        return f"{prompts}|{file}|{index}|{seed_base}"

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from .. import sae_models
 from ..sae_models.formats import list_saes
+from . import paths
 from .common import CATEGORY, SAE, NodeInputError
 from .sae_folder import FOLDER
 from .sae_handle import SAEHandle
@@ -24,12 +25,7 @@ def available_saes() -> list[str]:
 
 
 def resolve_sae_path(name: str) -> str:
-    for root in folder_paths.get_folder_paths(FOLDER):
-        path = os.path.join(root, *name.split("/"))
-        if os.path.exists(path):
-            return path
-    roots = ", ".join(folder_paths.get_folder_paths(FOLDER))
-    raise NodeInputError(NODE, f"{name!r} is not in the SAE folders ({roots})")
+    return paths.find_sae(NODE, name)
 
 
 class LoadSAE(io.ComfyNode):

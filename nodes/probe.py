@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -11,17 +12,22 @@ from comfy_api.latest import io, ui
 import comfy.utils
 import folder_paths
 
+from ..sae_models.files import atomic_write_text
 from .common import (
-    AUTO, BLOCK_CHOICES, CATEGORY, SAE, SAE_PROBE, TARGET_CHOICES, NodeInputError, parse_steps, resolve_block,
+    AUTO, BLOCK_CHOICES, CATEGORY, SAE, SAE_PROBE, TARGET_CHOICES, NodeInputError, check_mask, parse_steps,
+    resolve_block,
 )
+from .errors import excerpt
 from .edits import ProbeEdit, ProbeRecorder, StepRecord, mask_weights
-from .patch import CallInfo, attach_edit
+from .patch import attach_edit
+from .paths import output_prefix
 from .render import COLORMAPS, labelled_grid, overlay
 
 PROBE = "SAE Probe Block"
 HEATMAP = "SAE Feature Heatmap"
 TOP = "SAE Top Features"
 ANY_BLOCK = "first probed block"
+DEFAULT_CFG = 8.0
 
 
 class ProbeBlock(io.ComfyNode):
@@ -50,7 +56,7 @@ class ProbeBlock(io.ComfyNode):
     def execute(cls, model, sae, block, steps, apply_to, probe=None) -> io.NodeOutput:
         blk = resolve_block(PROBE, sae, block, model)
         recorder = ProbeRecorder(sae, blk.short, parse_steps(PROBE, steps))
-        edit = ProbeEdit(block=blk, target=apply_to, handle=sae, recorder=recorder)
+        edit = ProbeEdit(block=blk, target=apply_to, node=PROBE, handle=sae, recorder=recorder)
         probes = tuple(probe or ()) + (recorder,)
         return io.NodeOutput(attach_edit(model, edit), probes)
 
@@ -74,10 +80,41 @@ def _record(node: str, probes, block: str, step: int) -> tuple[ProbeRecorder, St
         raise NodeInputError(node, str(e)) from None
 
 
-def _match_images(node: str, record: StepRecord, image: torch.Tensor) -> torch.Tensor:
-    if record.values.shape[0] not in (1, image.shape[0]):
-        raise NodeInputError(node, f"the probe recorded {record.values.shape[0]} rows but the IMAGE has "
-                                   f"{image.shape[0]} images; connect the image made with the probed MODEL")
+ROW_VIEWS = ["cond", "uncond", "cfg combined"]
+
+
+def _rows_of(record: StepRecord, kind: int) -> list[int]:
+    return sorted((r for r, k in enumerate(record.row_kind) if k == kind), key=lambda r: record.row_image[r])
+
+
+def _view(node: str, record: StepRecord, per_row: torch.Tensor, view: str, cfg: float) -> torch.Tensor:
+    """`per_row` (indexed by the record's rows) for one view, one entry per image in batch order: the cond
+    rows, the uncond rows, or their CFG combination `uncond + cfg * (cond - uncond)` (codes whose decoding
+    is the CFG combination of the two reconstructions; negative where a feature fires more without the
+    prompt)."""
+    if view not in ROW_VIEWS:
+        raise NodeInputError(node, f"rows must be one of {', '.join(ROW_VIEWS)}, got {excerpt(view)}")
+    cond, uncond = _rows_of(record, 0), _rows_of(record, 1)
+    if view != "uncond" and not cond:
+        raise NodeInputError(node, "the probe recorded no cond rows; set the probe's apply_to to cond or both")
+    if view != "cond" and not uncond:
+        raise NodeInputError(node, "the probe recorded no uncond rows (at cfg 1 ComfyUI runs none); set the "
+                                   "probe's apply_to to uncond or both and sample with cfg > 1")
+    if view == "cond":
+        return per_row[cond]
+    if view == "uncond":
+        return per_row[uncond]
+    if [record.row_image[r] for r in cond] != [record.row_image[r] for r in uncond]:
+        raise NodeInputError(node, "the probe's cond and uncond rows are of different images")
+    if not math.isfinite(cfg):
+        raise NodeInputError(node, f"cfg must be a finite number, got {cfg!r}")
+    return per_row[uncond] + cfg * (per_row[cond] - per_row[uncond])
+
+
+def _match_images(node: str, n_rows: int, image: torch.Tensor) -> torch.Tensor:
+    if n_rows not in (1, image.shape[0]):
+        raise NodeInputError(node, f"the probe recorded {n_rows} images but the IMAGE has {image.shape[0]}; "
+                                   "connect the image made with the probed MODEL")
     return image
 
 
@@ -109,18 +146,20 @@ class FeatureHeatmap(io.ComfyNode):
                 io.Float.Input("alpha", default=0.6, min=0.0, max=1.0, step=0.05),
                 io.Combo.Input("scale", options=SCALES, default=SCALES[0],
                                tooltip="Map colours to [0, image max] or [0, 2 x the feature's mean activation]."),
+                *_view_inputs(),
             ],
             outputs=[io.Image.Output(display_name="overlay"), io.Mask.Output(display_name="heat")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, probe, image, feature, block, step, colormap, alpha, scale) -> io.NodeOutput:
+    def execute(cls, probe, image, feature, block, step, colormap, alpha, scale, rows=ROW_VIEWS[0],
+                cfg=DEFAULT_CFG) -> io.NodeOutput:
         rec, record = _record(HEATMAP, probe, block, step)
         if feature >= rec.handle.sae.n_features:
             raise NodeInputError(HEATMAP, f"feature {feature} is out of range 0..{rec.handle.sae.n_features - 1}")
-        image = _match_images(HEATMAP, record, image)
-        maps = record.feature_map(feature)
+        maps = _view(HEATMAP, record, record.feature_map(feature), rows, cfg)
+        image = _match_images(HEATMAP, maps.shape[0], image)
         out, heat = overlay(image, maps, _feature_scale(rec, feature, maps, scale), colormap, alpha)
         return io.NodeOutput(out, heat, ui=ui.PreviewImage(out, cls=cls))
 
@@ -147,6 +186,7 @@ class TopFeatures(io.ComfyNode):
                 io.String.Input("filename_prefix", default="sae_top_features",
                                 tooltip="The JSON is saved to the output folder under this prefix; empty: not saved."),
                 io.Mask.Input("mask", optional=True, tooltip="Rank by mean activation inside this mask."),
+                *_view_inputs(),
             ],
             outputs=[io.Image.Output(display_name="grid"), io.String.Output(display_name="json")],
             is_output_node=True,
@@ -154,18 +194,21 @@ class TopFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, probe, image, top_n, block, step, image_index, columns, colormap, alpha, filename_prefix,
-                mask=None) -> io.NodeOutput:
+                mask=None, rows=ROW_VIEWS[0], cfg=DEFAULT_CFG) -> io.NodeOutput:
+        if top_n < 1:
+            raise NodeInputError(TOP, f"top_n must be at least 1, got {top_n}")
+        save_to = _json_prefix(filename_prefix)
         rec, record = _record(TOP, probe, block, step)
-        image = _match_images(TOP, record, image)
-        rows = record.values.shape[0]
-        if image_index >= rows:
-            raise NodeInputError(TOP, f"image_index {image_index} but only {rows} images were recorded")
         H, W = record.values.shape[1:3]
         weights = None
+        mask = check_mask(TOP, mask)
         if mask is not None:
-            info = CallInfo(0.0, None, None, record.row_kind, record.row_image)
-            weights = mask_weights(mask, info, list(range(rows)), H, W, "cpu")
-        means = record.mean_activation(weights)[image_index]
+            weights = mask_weights(mask, record.row_image, H, W, "cpu")
+        all_means = _view(TOP, record, record.mean_activation(weights), rows, cfg)
+        image = _match_images(TOP, all_means.shape[0], image)
+        if image_index >= all_means.shape[0]:
+            raise NodeInputError(TOP, f"image_index {image_index} but only {all_means.shape[0]} images were recorded")
+        means = all_means[image_index]
         order = means.argsort(descending=True)[: min(top_n, int((means > 0).sum()) or 1)]
         stats_mean = rec.handle.mean
         index = rec.handle.features_index()
@@ -173,7 +216,7 @@ class TopFeatures(io.ComfyNode):
         tiles, labels, ranking = [], [], []
         img = image[min(image_index, image.shape[0] - 1)].unsqueeze(0)
         for f in order.tolist():
-            fmap = record.feature_map(f)[image_index].unsqueeze(0)
+            fmap = _view(TOP, record, record.feature_map(f), rows, cfg)[image_index].unsqueeze(0)
             tile, _ = overlay(img, fmap, fmap.max(), colormap, alpha)
             tiles.append(tile[0])
             labels.append(f"#{f}  {float(means[f]):.3g}")
@@ -201,22 +244,48 @@ class TopFeatures(io.ComfyNode):
             "image_index": image_index,
             "grid": [int(H), int(W)],
             "ranked_over": "mask" if mask is not None else "image",
+            "rows": rows,
+            **({"cfg": cfg} if rows == "cfg combined" else {}),
             "features": ranking,
         }
         if index is not None and index.get("dump"):
             result["dataset"] = index["dump"]  # the folder the dataset image files are relative to
         text = json.dumps(result, indent=2)
-        if filename_prefix:
-            _save_json(text, filename_prefix, rec.block_name)
+        if save_to is not None:
+            _save_json(text, save_to, rec.block_name)
         return io.NodeOutput(grid, text, ui={**ui.PreviewImage(grid, cls=cls).as_dict(), "text": [text]})
 
 
+    @classmethod
+    def validate_inputs(cls, filename_prefix):
+        try:
+            _json_prefix(filename_prefix)
+        except NodeInputError as e:
+            return str(e)
+        return True
+
+
+def _json_prefix(prefix: str | None) -> str | None:
+    """The JSON's file name prefix, checked to stay inside the output folder; None: do not save."""
+    if prefix is None or not prefix.strip():
+        return None
+    output_prefix(TOP, "filename_prefix", prefix, create=False)
+    return prefix.strip()
+
+
 def _save_json(text: str, prefix: str, block: str) -> str:
-    out_dir = folder_paths.get_output_directory()
-    full_dir, name, counter, _, _ = folder_paths.get_save_image_path(f"{prefix}_{block}", out_dir)
-    path = os.path.join(full_dir, f"{name}_{counter:05}_.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    folder, name, counter = output_prefix(TOP, "filename_prefix", f"{prefix}_{block}")
+    path = os.path.join(folder, f"{name}_{counter:05}_.json")
+    atomic_write_text(path, text)
     return path
+
+
+def _view_inputs():
+    return [
+        io.Combo.Input("rows", options=ROW_VIEWS, default=ROW_VIEWS[0], optional=True,
+                       tooltip="With CFG (cfg > 1) the probe may record both halves of the batch: show the "
+                               "positive (cond) rows, the negative (uncond) rows, or the CFG combination "
+                               "uncond + cfg x (cond - uncond)."),
+        io.Float.Input("cfg", default=DEFAULT_CFG, min=0.0, max=100.0, step=0.1, optional=True,
+                       tooltip="The sampler's cfg, for the 'cfg combined' rows."),
+    ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 
@@ -21,7 +20,8 @@ from ..sae_models.metrics import evaluate
 from ..sae_models.stats import features_index_path, summarize_features, write_features_index
 from ..sae_models.training import train
 from .common import CATEGORY, SAE, NodeInputError
-from .dump import resolve_dump_folder
+from . import paths
+from .dump import _valid, resolve_dump_folder
 from .sae_folder import FOLDER
 from .sae_handle import SAEHandle
 
@@ -38,12 +38,7 @@ def _dump_block(node: str, folder: str, choice: str) -> str:
 
 
 def _output_path(node: str, name: str, overwrite: bool) -> str:
-    name = (name or "").strip()
-    if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", name) or ".." in name.split("/"):
-        raise NodeInputError(node, f"save_name {name!r} may hold only letters, digits, '_', '.', '-' and '/'")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
-    path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], *name.split("/"))
+    path = paths.sae_file(node, "save_name", name)
     if os.path.exists(path) and not overwrite:
         raise NodeInputError(node, f"{path} exists; choose another save_name or turn on overwrite")
     return path
@@ -71,7 +66,8 @@ class TrainSAE(io.ComfyNode):
             "per-feature statistics used by steering and a features index, and save it to models/sae.",
             inputs=[
                 io.String.Input("dump_folder", default="sae_dumps/sdxl_turbo",
-                                tooltip="A folder written by SAE Dump Images (relative: under the output folder)."),
+                                tooltip="A folder written by SAE Dump Images: under the output folder, or "
+                                "'<name>/<path>' in a registered dump folder."),
                 io.Combo.Input("block", options=[ONLY_BLOCK, *SHORT_NAMES], default=ONLY_BLOCK),
                 io.Int.Input("n_features", default=5120, min=1, max=1 << 20),
                 io.Int.Input("k", default=10, min=1, max=4096),
@@ -93,12 +89,21 @@ class TrainSAE(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, dump_folder, save_name):
+        for value, check in ((dump_folder, lambda: resolve_dump_folder(NODE, dump_folder, "dump_folder")),
+                             (save_name, lambda: paths.sae_file(NODE, "save_name", save_name))):
+            answer = _valid(check, value)
+            if answer is not True:
+                return answer
+        return True
+
+    @classmethod
     def execute(cls, dump_folder, block, n_features, k, architecture, max_tokens, batch_size, lr, eval_fraction,
                 seed, save_name, overwrite) -> io.NodeOutput:
         out = _output_path(NODE, save_name, overwrite)
         if k > n_features:
             raise NodeInputError(NODE, f"k={k} is larger than n_features={n_features}")
-        folder = resolve_dump_folder(NODE, dump_folder)
+        folder = resolve_dump_folder(NODE, dump_folder, "dump_folder")
         blk = _dump_block(NODE, folder, block)
 
         def stream(split, **kw):

@@ -143,6 +143,8 @@ class ComfyServer:
     checkpoints_dir: Path
     log_path: Path
     process: subprocess.Popen
+    root: Path  # the folder holding all of the above
+    registered_dumps: dict  # dump folders registered by the server's owner: {name: folder}
     Error = ComfyError  # raised by run()
 
     def log_tail(self, n: int = 60) -> str:
@@ -232,17 +234,22 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def _serve(comfyui_path: Path, root: Path, frontend: bool):
-    """A headless ComfyUI server (CPU) with the pack and the tiny test nodes under `root`; stopped after."""
-    names = ("custom_nodes", "checkpoints", "sae", "output", "input", "temp", "user", "frontend")
+def _serve(comfyui_path: Path, root: Path, frontend: bool, extra_args: tuple = ()):
+    """A headless ComfyUI server (CPU) with the pack and the tiny test nodes under `root`; stopped after.
+    `extra_args` go to main.py (e.g. `--fp16-unet`)."""
+    names = ("custom_nodes", "checkpoints", "sae", "output", "input", "temp", "user", "frontend", "bigdisk",
+             "yamldisk")
     dirs = {n: root / n for n in names}
     for d in dirs.values():
         d.mkdir()
+    # Extra dump folders, registered both ways the README gives: an environment variable and the
+    # `sae_dumps` key of extra_model_paths.yaml (named by the folder's last component).
+    registered = {"bigdisk": dirs["bigdisk"], "yamldisk": dirs["yamldisk"]}
     (dirs["custom_nodes"] / PACK_FOLDER_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
     (dirs["custom_nodes"] / "tiny_nodes").symlink_to(SUPPORT / "tiny_nodes", target_is_directory=True)
     yaml_path = root / "extra_model_paths.yaml"
     yaml_path.write_text("comfyui_sae_tests:\n" + "".join(
-        f"  {key}: {dirs[key]}\n" for key in ("custom_nodes", "checkpoints", "sae")))
+        f"  {key}: {dirs[key]}\n" for key in ("custom_nodes", "checkpoints", "sae")) + f"  sae_dumps: {dirs['yamldisk']}\n")
     port = _free_port()
     cmd = [sys.executable, str(comfyui_path / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--extra-model-paths-config", str(yaml_path),
@@ -251,13 +258,15 @@ def _serve(comfyui_path: Path, root: Path, frontend: bool):
            "--temp-directory", str(dirs["temp"]), "--user-directory", str(dirs["user"])]
     if not frontend:  # the web frontend's files are not needed to run prompts
         cmd += ["--front-end-root", str(dirs["frontend"])]
-    env = {**os.environ, "COMFYUI_PATH": str(comfyui_path), "PYTHONUNBUFFERED": "1"}
+    cmd += list(extra_args)
+    env = {**os.environ, "COMFYUI_PATH": str(comfyui_path), "PYTHONUNBUFFERED": "1",
+           "SAE_UNBOX_DUMP_FOLDERS": f"bigdisk={dirs['bigdisk']}"}
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=comfyui_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     server = ComfyServer(f"http://127.0.0.1:{port}", dirs["output"], dirs["input"], dirs["sae"],
-                         dirs["checkpoints"], log_path, process)
+                         dirs["checkpoints"], log_path, process, root, registered)
     try:
         why = _wait_until_up(server)
         if why:
@@ -272,6 +281,17 @@ def comfy_server(comfyui_path, tmp_path_factory):
     """A headless ComfyUI server (CPU, no web frontend) with the pack and the tiny test nodes."""
     with _serve(comfyui_path, tmp_path_factory.mktemp("comfy_server"), frontend=False) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def start_comfy_server(comfyui_path, tmp_path_factory):
+    """Start another headless server with extra main.py arguments: `with start_comfy_server("--fp16-unet") as s:`."""
+
+    def start(*extra_args: str):
+        return _serve(comfyui_path, tmp_path_factory.mktemp("comfy_server_args"), frontend=False,
+                      extra_args=extra_args)
+
+    return start
 
 
 @pytest.fixture(scope="session")

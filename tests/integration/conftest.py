@@ -25,3 +25,25 @@ def pk(comfy_pack):
 @pytest.fixture(scope="session")
 def model(tiny):
     return tiny.tiny_model(seed=0)
+
+
+@pytest.fixture
+def output_dir(comfyui_path, tmp_path, monkeypatch):
+    """ComfyUI's output folder, pointed at a fresh temporary folder for one test."""
+    import folder_paths
+
+    out = tmp_path / "output"
+    out.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(out))
+    return out
+
+
+@pytest.fixture
+def input_dir(comfyui_path, tmp_path, monkeypatch):
+    """ComfyUI's input folder, pointed at a fresh temporary folder for one test."""
+    import folder_paths
+
+    folder = tmp_path / "input"
+    folder.mkdir()
+    monkeypatch.setattr(folder_paths, "input_directory", str(folder))
+    return folder

@@ -22,8 +22,17 @@ EVERY = "after every prompt"
 
 def dump_node(pk, m, folder, blocks="mid.0", steps="all", apply_to="cond", fields="update", dtype="float32",
               rows=256, writer_id=""):
+    """The dump node on `folder`, a path inside ComfyUI's output folder (given to the node relative to it)."""
+    import folder_paths
+
     node = pk.N["UnboxDumpActivations"]
-    return node.execute(m, str(folder), blocks, steps, apply_to, fields, dtype, rows, writer_id).args
+    rel = os.path.relpath(folder, folder_paths.get_output_directory())
+    return node.execute(m, rel, blocks, steps, apply_to, fields, dtype, rows, writer_id).args
+
+
+@pytest.fixture
+def dump_dir(output_dir):
+    return output_dir / "dump"
 
 
 def save_images(pk, images, dump, prompt="a cat", seed=1, commit=EVERY):
@@ -48,8 +57,8 @@ def records(folder: Path) -> list[dict]:
     return [json.loads(line) for f in sorted((folder / "images").glob("*.jsonl")) for line in f.read_text().splitlines()]
 
 
-def test_dump_writes_exactly_the_block_update_input_and_output(pk, tiny, model, tmp_path):
-    m, dump = dump_node(pk, model, tmp_path, blocks="mid.0 up.0.1", fields="update, input, output")
+def test_dump_writes_exactly_the_block_update_input_and_output(pk, tiny, model, dump_dir):
+    m, dump = dump_node(pk, model, dump_dir, blocks="mid.0 up.0.1", fields="update, input, output")
     caps = {b: Capture(model, p, n) for b, p, n in
             (("mid.0", "middle_block.1", "middle_block.2"), ("up.0.1", "output_blocks.1.1", "output_blocks.2.0"))}
     try:
@@ -64,29 +73,29 @@ def test_dump_writes_exactly_the_block_update_input_and_output(pk, tiny, model, 
         x_in = call["x_in"][0].permute(1, 2, 0).reshape(-1, call["x_in"].shape[1])  # [H*W, C], row-major
         out = call["orig"][0].permute(1, 2, 0).reshape(-1, call["orig"].shape[1])
         assert torch.equal(call["final"], call["orig"])  # dumping changes nothing
-        rows = read_shards(tmp_path, block)
+        rows = read_shards(dump_dir, block)
         assert rows["update"].shape == (16, 128) and rows["update"].dtype == torch.float32
         assert torch.allclose(rows["update"], out - x_in, atol=1e-6)
         assert torch.allclose(rows["input"], x_in) and torch.allclose(rows["output"], out, atol=1e-6)
         assert rows["position"].tolist() == list(range(16))
         assert set(rows["cond"].tolist()) == {0} and set(rows["seed"].tolist()) == {3}
         assert set(rows["step"].tolist()) == {0} and set(rows["batch_index"].tolist()) == {0}
-    (rec,) = records(tmp_path)
-    assert rec["prompt"] == "a lighthouse" and rec["seed"] == 3 and (tmp_path / rec["file"]).is_file()
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (rec,) = records(dump_dir)
+    assert rec["prompt"] == "a lighthouse" and rec["seed"] == 3 and (dump_dir / rec["file"]).is_file()
+    manifest = json.loads((dump_dir / "manifest.json").read_text())
     assert manifest["dtype"] == "float32" and manifest["blocks"]["mid.0"]["d_in"] == 128
 
 
-def test_batches_cfg_and_steps_give_one_record_per_image(pk, tiny, model, tmp_path):
+def test_batches_cfg_and_steps_give_one_record_per_image(pk, tiny, model, dump_dir):
     import comfy.sample
 
-    m, dump = dump_node(pk, model, tmp_path, apply_to="both", dtype="float16")
+    m, dump = dump_node(pk, model, dump_dir, apply_to="both", dtype="float16")
     latent = torch.zeros(2, 4, 16, 16)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
     pos, neg = tiny.tiny_conditioning("two cats"), tiny.tiny_conditioning("")
     comfy.sample.sample(m, noise, 2, 3.0, "euler", "normal", pos, neg, latent, denoise=1.0, disable_pbar=True, seed=0)
     save_images(pk, fake_images(2), dump, prompt="two cats", seed=0)
-    rows = read_shards(tmp_path, "mid.0")
+    rows = read_shards(dump_dir, "mid.0")
     # 2 images x 2 steps x (cond + uncond) x 16 positions
     assert rows["update"].shape == (128, 128) and rows["update"].dtype == torch.float16
     for image in (0, 1):
@@ -95,24 +104,24 @@ def test_batches_cfg_and_steps_give_one_record_per_image(pk, tiny, model, tmp_pa
         assert sorted(set(rows["step"][mine].tolist())) == [0, 1]
         assert sorted(set(rows["cond"][mine].tolist())) == [0, 1]
         assert len(set(rows["image"][mine].tolist())) == 1
-    assert [r["batch_index"] for r in records(tmp_path)] == [0, 1]
+    assert [r["batch_index"] for r in records(dump_dir)] == [0, 1]
     assert len(set(rows["image"].tolist())) == 2
 
 
-def test_rows_accumulate_across_prompts_into_fixed_size_shards(pk, tiny, model, tmp_path):
-    m, dump = dump_node(pk, model, tmp_path, rows=256)  # 16 rows per image: a shard every 16 images
+def test_rows_accumulate_across_prompts_into_fixed_size_shards(pk, tiny, model, dump_dir):
+    m, dump = dump_node(pk, model, dump_dir, rows=256)  # 16 rows per image: a shard every 16 images
     for i in range(20):
         sample(tiny, m, prompt=f"prompt {i}", seed=i)
         save_images(pk, fake_images(1), dump, prompt=f"prompt {i}", seed=i, commit=FULL)
-    shards = sorted((tmp_path / "mid.0").glob("*.safetensors"))
-    assert len(shards) == 1 and read_shards(tmp_path, "mid.0")["update"].shape[0] == 256
-    assert len(records(tmp_path)) == 16  # only images whose rows are all on disk count as done
+    shards = sorted((dump_dir / "mid.0").glob("*.safetensors"))
+    assert len(shards) == 1 and read_shards(dump_dir, "mid.0")["update"].shape[0] == 256
+    assert len(records(dump_dir)) == 16  # only images whose rows are all on disk count as done
     dump.writer.flush()
-    assert read_shards(tmp_path, "mid.0")["update"].shape[0] == 320 and len(records(tmp_path)) == 20
-    assert sorted(r["seed"] for r in records(tmp_path)) == list(range(20))
+    assert read_shards(dump_dir, "mid.0")["update"].shape[0] == 320 and len(records(dump_dir)) == 20
+    assert sorted(r["seed"] for r in records(dump_dir)) == list(range(20))
 
 
-def test_an_interrupted_run_writes_nothing_and_the_next_run_is_clean(pk, tiny, model, comfy_pack, tmp_path):
+def test_an_interrupted_run_writes_nothing_and_the_next_run_is_clean(pk, tiny, model, comfy_pack, dump_dir):
     import comfy.model_management as mm
 
     class Interrupt(pk.patch.Edit):
@@ -120,7 +129,7 @@ def test_an_interrupted_run_writes_nothing_and_the_next_run_is_clean(pk, tiny, m
             mm.interrupt_current_processing(True)
             mm.throw_exception_if_processing_interrupted()
 
-    m, dump = dump_node(pk, model, tmp_path, blocks="mid.0 up.0.1")
+    m, dump = dump_node(pk, model, dump_dir, blocks="mid.0 up.0.1")
     stopped = pk.patch.attach_edit(m, Interrupt(block=pk.sm.get_block("up.0.0")))  # after mid.0, before up.0.1
     pos, neg = tiny.tiny_conditioning("x"), tiny.tiny_conditioning("")
     try:
@@ -129,22 +138,22 @@ def test_an_interrupted_run_writes_nothing_and_the_next_run_is_clean(pk, tiny, m
                                                  {"samples": torch.zeros(1, 4, 16, 16)})
     finally:
         mm.interrupt_current_processing(False)
-    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.tmp*"))
+    assert not list(dump_dir.rglob("*.safetensors")) and not list(dump_dir.rglob("*.tmp*"))
     sample(tiny, m, prompt="y", seed=5)
     save_images(pk, fake_images(1), dump, prompt="y", seed=5)
     for block in ("mid.0", "up.0.1"):
-        assert read_shards(tmp_path, block)["update"].shape[0] == 16  # the interrupted run's rows are gone
-    assert [r["prompt"] for r in records(tmp_path)] == ["y"]
+        assert read_shards(dump_dir, block)["update"].shape[0] == 16  # the interrupted run's rows are gone
+    assert [r["prompt"] for r in records(dump_dir)] == ["y"]
 
 
-def test_two_writers_share_a_folder_without_clashing(pk, tiny, model, tmp_path):
+def test_two_writers_share_a_folder_without_clashing(pk, tiny, model, dump_dir):
     for writer in ("machine-a", "machine-b"):
-        m, dump = dump_node(pk, model, tmp_path, writer_id=writer)
+        m, dump = dump_node(pk, model, dump_dir, writer_id=writer)
         sample(tiny, m, prompt=writer, seed=1)
         save_images(pk, fake_images(1), dump, prompt=writer, seed=1)
-    names = sorted(p.name for p in (tmp_path / "mid.0").glob("*.safetensors"))
+    names = sorted(p.name for p in (dump_dir / "mid.0").glob("*.safetensors"))
     assert [n.split("-")[0] + "-" + n.split("-")[1] for n in names] == ["machine-a", "machine-b"]
-    assert sorted(r["prompt"] for r in records(tmp_path)) == ["machine-a", "machine-b"]
+    assert sorted(r["prompt"] for r in records(dump_dir)) == ["machine-a", "machine-b"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -152,13 +161,14 @@ def test_two_writers_share_a_folder_without_clashing(pk, tiny, model, tmp_path):
     (dict(steps="two"), "cannot read steps"),
     (dict(writer_id="a b"), "writer_id 'a b'"),
 ])
-def test_bad_dump_input_is_refused_before_sampling(pk, model, tmp_path, kwargs, message):
+def test_bad_dump_input_is_refused_before_sampling(pk, model, dump_dir, kwargs, message):
     with pytest.raises(ValueError, match=f"SAE Dump Activations: .*{message}"):
-        dump_node(pk, model, tmp_path, **kwargs)
+        dump_node(pk, model, dump_dir, **kwargs)
 
 
-def test_unwritable_folder_full_disk_and_mismatched_dump_are_refused(pk, tiny, model, tmp_path, monkeypatch):
-    blocker = tmp_path / "a-file"
+def test_unwritable_folder_full_disk_and_mismatched_dump_are_refused(pk, tiny, model, dump_dir, monkeypatch):
+    dump_dir.mkdir()
+    blocker = dump_dir / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match="SAE Dump Activations: cannot write to the dump folder"):
         dump_node(pk, model, blocker / "dump")
@@ -166,52 +176,51 @@ def test_unwritable_folder_full_disk_and_mismatched_dump_are_refused(pk, tiny, m
     import sys
 
     usage = sys.modules[dump_mod].shutil.disk_usage
-    monkeypatch.setattr(sys.modules[dump_mod].shutil, "disk_usage",
-                        lambda p: usage(p)._replace(free=1 << 20))
-    with pytest.raises(ValueError, match="MiB free"):
-        dump_node(pk, model, tmp_path / "small-disk", rows=16384)
-    monkeypatch.undo()
-    m, dump = dump_node(pk, model, tmp_path / "d", dtype="float16")
+    with monkeypatch.context() as small_disk:
+        small_disk.setattr(sys.modules[dump_mod].shutil, "disk_usage", lambda p: usage(p)._replace(free=1 << 20))
+        with pytest.raises(ValueError, match="MiB free"):
+            dump_node(pk, model, dump_dir / "small-disk", rows=16384)
+    m, dump = dump_node(pk, model, dump_dir / "d", dtype="float16")
     sample(tiny, m)
     save_images(pk, fake_images(1), dump)
     with pytest.raises(ValueError, match="holds a float16 dump; this node writes float32"):
-        dump_node(pk, model, tmp_path / "d", dtype="float32")
+        dump_node(pk, model, dump_dir / "d", dtype="float32")
     with pytest.raises(ValueError, match="shards of 256 rows"):
-        dump_node(pk, model, tmp_path / "d", dtype="float16", rows=512)
+        dump_node(pk, model, dump_dir / "d", dtype="float16", rows=512)
 
 
-def test_images_node_refuses_a_run_that_recorded_nothing_or_other_images(pk, tiny, model, tmp_path):
-    m, dump = dump_node(pk, model, tmp_path, steps="3")  # a 1-step sampler never reaches step 3
+def test_images_node_refuses_a_run_that_recorded_nothing_or_other_images(pk, tiny, model, dump_dir):
+    m, dump = dump_node(pk, model, dump_dir, steps="3")  # a 1-step sampler never reaches step 3
     sample(tiny, m)
     with pytest.raises(ValueError, match="SAE Dump Images: nothing was recorded on mid.0"):
         save_images(pk, fake_images(1), dump)
-    m, dump = dump_node(pk, model, tmp_path / "b")
+    m, dump = dump_node(pk, model, dump_dir / "b")
     sample(tiny, m)
     with pytest.raises(ValueError, match="recorded 1 images per batch but 2 images came in"):
         save_images(pk, fake_images(2), dump)
-    assert not list(tmp_path.rglob("*.safetensors"))
+    assert not list(dump_dir.rglob("*.safetensors"))
 
 
-def test_prompt_list_reads_text_or_file(pk, tmp_path):
+def test_prompt_list_reads_text_or_a_file_of_the_input_folder(pk, input_dir):
     node = pk.N["UnboxPromptList"]
     out = node.execute("# comment\na cat\n\na dog\n", "", 1, seed_base=100).args
     assert out == ("a dog", 101, 1, 2)
-    f = tmp_path / "prompts.txt"
-    f.write_text("one\ntwo\nthree\n")
-    assert node.execute("ignored", str(f), 2).args[:2] == ("three", 2)
+    (input_dir / "lists").mkdir()
+    (input_dir / "lists" / "prompts.txt").write_text("one\ntwo\nthree\n")
+    assert node.execute("ignored", "lists/prompts.txt", 2).args[:2] == ("three", 2)
     with pytest.raises(ValueError, match="SAE Prompt List: index 3 is past the end of the list \\(3 prompts\\)"):
-        node.execute("", str(f), 3)
-    with pytest.raises(ValueError, match="cannot read the prompt file"):
-        node.execute("", str(tmp_path / "missing.txt"), 0)
+        node.execute("", "lists/prompts.txt", 3)
+    with pytest.raises(ValueError, match="SAE Prompt List: file 'missing.txt' is not a file in ComfyUI's input folder"):
+        node.execute("", "missing.txt", 0)
 
 
-def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, monkeypatch):
+def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, output_dir, monkeypatch):
     """Dump from sampling, train on the dump with the Train node, load the saved SAE, steer with it."""
     import folder_paths
 
     sae_dir = tmp_path / "models_sae"
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "sae", ([str(sae_dir)], {".safetensors"}))
-    dump_dir = tmp_path / "dump"
+    dump_dir = output_dir / "dump"
     m, dump = dump_node(pk, model, dump_dir, blocks="up.0.1", rows=256)
     for i in range(40):
         sample(tiny, m, prompt=f"prompt number {i}", seed=i)
@@ -219,7 +228,7 @@ def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, monkeypatch):
     dump.writer.flush()
     train = pk.N["UnboxTrainSAE"]
     with torch.inference_mode():  # as ComfyUI runs every node
-        out = train.execute(str(dump_dir), "the dump's only block", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "trained",
+        out = train.execute("dump", "the dump's only block", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "trained",
                             False)
     handle = out.args[0]
     sae = handle.sae
@@ -229,7 +238,7 @@ def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, monkeypatch):
     assert saved.is_file() and (sae_dir / "trained.features.json").is_file()
     assert "FVU" in out.ui["text"][0]
     with pytest.raises(ValueError, match="exists; choose another save_name"):
-        train.execute(str(dump_dir), "up.0.1", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "trained", False)
+        train.execute("dump", "up.0.1", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "trained", False)
 
     loaded = pk.N["UnboxLoadSAE"].execute("trained.safetensors").args[0]
     assert torch.equal(loaded.sae.W_dec, sae.W_dec)
@@ -255,14 +264,14 @@ def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, monkeypatch):
         assert all((dump_dir / e["file"]).is_file() for e in examples)
 
 
-def test_train_refuses_bad_input(pk, tmp_path, monkeypatch):
+def test_train_refuses_bad_input(pk, tmp_path, output_dir, monkeypatch):
     import folder_paths
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "sae", ([str(tmp_path / "sae")], {".safetensors"}))
     train = pk.N["UnboxTrainSAE"]
     args = ["the dump's only block", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "x", False]
     with pytest.raises(ValueError, match="SAE Train: .*nothing-here: not an activation dump folder"):
-        train.execute(str(tmp_path / "nothing-here"), *args)
-    with pytest.raises(ValueError, match="save_name '../x'"):
-        train.execute(str(tmp_path), "the dump's only block", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "../x", False)
+        train.execute("nothing-here", *args)
+    with pytest.raises(ValueError, match="save_name '../x' holds '..'"):
+        train.execute("nothing-here", "the dump's only block", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "../x", False)
     assert not os.path.exists(tmp_path / "sae")

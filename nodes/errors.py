@@ -1,0 +1,21 @@
+"""The error every node raises for bad input, and how it quotes what the user typed."""
+
+from __future__ import annotations
+
+EXCERPT_CHARS = 60
+
+
+class NodeInputError(ValueError):
+    """Bad input to a node, reported as '<node>: <what is wrong>'."""
+
+    def __init__(self, node: str, message: str):
+        super().__init__(f"{node}: {message}")
+
+
+def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
+    """`repr` of what the user typed, cut to about `limit` characters (an error never echoes a whole
+    100,000-feature list back)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}…' ({len(str(value))} characters)"
