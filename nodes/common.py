@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 import re
 
+import torch
 from comfy_api.latest import io
 
 from ..sae_models.blocks import SHORT_NAMES, Block, find_block
+from .errors import NodeInputError, excerpt
 from .patch import block_channels
 from .sae_handle import SAEHandle
 
@@ -21,20 +23,13 @@ SAE = io.Custom("SAE")
 SAE_PROBE = io.Custom("SAE_PROBE")
 
 
-class NodeInputError(ValueError):
-    """Bad input to a node, reported as '<node>: <what is wrong>'."""
-
-    def __init__(self, node: str, message: str):
-        super().__init__(f"{node}: {message}")
-
-
 def resolve_block(node: str, handle: SAEHandle, choice: str, model=None) -> Block:
     """The block an SAE is attached to: the node's choice, or the block recorded in the SAE; checked
     against the SAE's d_in and, when a model is given, against the block's channels in that model."""
     if choice and choice != AUTO:
         block = find_block(choice)
         if block is None:
-            raise NodeInputError(node, f"unknown block {choice!r}; choose one of {', '.join(SHORT_NAMES)}")
+            raise NodeInputError(node, f"unknown block {excerpt(choice)}; choose one of {', '.join(SHORT_NAMES)}")
     else:
         block = find_block(handle.sae.config.block) if handle.sae.config.block else None
         if block is None:
@@ -61,27 +56,61 @@ def resolve_block(node: str, handle: SAEHandle, choice: str, model=None) -> Bloc
 
 
 _FEATURE = re.compile(r"^\s*(\d+)\s*(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?\s*$")
+STRENGTH_LIMIT = 1000.0  # the strength widget's bound, also for per-feature strengths
+
+
+def check_strength(node: str, name: str, value: float) -> float:
+    """A finite strength within the widget's bounds (JSON lets a workflow hold NaN or 1e999)."""
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > STRENGTH_LIMIT:
+        raise NodeInputError(node, f"{name} must be a finite number between {-STRENGTH_LIMIT:g} and "
+                                   f"{STRENGTH_LIMIT:g}, got {value!r}")
+    return value
 
 
 def parse_features(node: str, text: str, n_features: int, default: float) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """'12, 345:2.5' -> ((12, 345), (default, 2.5)). Every index is checked against the SAE's size."""
-    features, strengths = [], []
+    """'12, 345:2.5' -> ((12, 345), (default, 2.5)). Every index is checked against the SAE's size and every
+    strength against the strength widget's bounds."""
+    features, strengths, seen = [], [], set()
     for item in re.split(r"[,;\s]+", re.sub(r"\s*:\s*", ":", text or "")):
         if not item:
             continue
         m = _FEATURE.match(item)
         if not m:
-            raise NodeInputError(node, f"cannot read feature {item!r}; write indices like '12, 345:2.5'")
+            raise NodeInputError(node, f"cannot read feature {excerpt(item)}; write indices like '12, 345:2.5'")
         f = int(m.group(1))
         if f >= n_features:
-            raise NodeInputError(node, f"feature {f} is out of range: the SAE has features 0..{n_features - 1}")
+            raise NodeInputError(node, f"feature {excerpt(f)} is out of range: the SAE has features 0..{n_features - 1}")
+        if f in seen:
+            raise NodeInputError(node, f"feature {f} is listed twice in features {excerpt(text)}")
+        seen.add(f)
         features.append(f)
-        strengths.append(float(m.group(2)) if m.group(2) else default)
+        strengths.append(check_strength(node, f"the strength of feature {f}", m.group(2)) if m.group(2) else default)
     if not features:
         raise NodeInputError(node, "no feature given")
-    if len(set(features)) != len(features):
-        raise NodeInputError(node, f"a feature is listed twice in {text!r}")
     return tuple(features), tuple(strengths)
+
+
+def check_mask(node: str, mask) -> torch.Tensor | None:
+    """A MASK as `[B, H, W]` float32 in [0, 1]. Takes the shapes ComfyUI's mask nodes make (`[H, W]`,
+    `[B, H, W]`, `[B, 1, H, W]`); anything else, an empty mask or a non-finite value is refused."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise NodeInputError(node, f"mask is a {type(mask).__name__}, not a MASK tensor")
+    shape = tuple(mask.shape)
+    if mask.dim() == 4 and shape[1] == 1:
+        mask = mask[:, 0]
+    elif mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if mask.dim() != 3:
+        raise NodeInputError(node, f"mask has shape {list(shape)}; a MASK is [H, W], [B, H, W] or [B, 1, H, W]")
+    if mask.numel() == 0:
+        raise NodeInputError(node, f"mask has shape {list(shape)}, with no pixels")
+    mask = mask.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(mask).all()):
+        raise NodeInputError(node, "mask holds non-finite values (NaN or inf)")
+    return mask.clamp(0.0, 1.0)
 
 
 def sigma_range(node: str, model, start_percent: float, end_percent: float) -> tuple[float, float]:
@@ -94,6 +123,9 @@ def sigma_range(node: str, model, start_percent: float, end_percent: float) -> t
     return start, end
 
 
+MAX_STEP = 10_000
+
+
 def parse_steps(node: str, text: str) -> frozenset | None:
     """'all' -> None; '0, 2-4' -> {0, 2, 3, 4}."""
     text = (text or "").strip().lower()
@@ -103,7 +135,9 @@ def parse_steps(node: str, text: str) -> frozenset | None:
     for part in re.split(r"[,\s]+", text):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
-            raise NodeInputError(node, f"cannot read steps {text!r}; write 'all' or e.g. '0, 2-4'")
+            raise NodeInputError(node, f"cannot read steps {excerpt(text)}; write 'all' or e.g. '0, 2-4'")
         a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if a > b or b > MAX_STEP:
+            raise NodeInputError(node, f"steps {excerpt(part)}: a range runs from low to high, at most to {MAX_STEP}")
         steps.update(range(a, b + 1))
     return frozenset(steps)

@@ -13,16 +13,16 @@ from .patch import CallInfo, Edit
 from .sae_handle import SAEHandle
 
 
-def mask_weights(mask: torch.Tensor | None, info: CallInfo, rows: list[int], h: int, w: int, device) -> torch.Tensor:
-    """Per-position weights `[len(rows), h, w]`: the painted MASK averaged over each cell of the block's
-    grid (any mask size works), picked per image of the batch; ones without a mask."""
+def mask_weights(mask: torch.Tensor | None, images: list[int], h: int, w: int, device) -> torch.Tensor:
+    """Per-position weights `[len(images), h, w]` for the given images of the batch: the painted MASK
+    (`[B, H, W]`, as `common.check_mask` gives it; any size) averaged over each cell of the block's grid.
+    Image i takes mask i; a shorter mask batch repeats (image i takes mask i mod B), as ComfyUI repeats
+    masks to a batch. Ones without a mask."""
     if mask is None:
-        return torch.ones(len(rows), h, w, device=device)
-    m = mask.to(device=device, dtype=torch.float32)
-    m = m.reshape(-1, 1, *m.shape[-2:]) if m.dim() >= 2 else m.reshape(1, 1, 1, 1)
+        return torch.ones(len(images), h, w, device=device)
+    m = mask.to(device=device, dtype=torch.float32).unsqueeze(1)
     m = F.adaptive_avg_pool2d(m, (h, w))[:, 0].clamp(0, 1)
-    idx = torch.tensor([info.row_image[r] % m.shape[0] for r in rows], device=device)
-    return m[idx]
+    return m[torch.tensor([i % m.shape[0] for i in images], device=device)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,7 +44,7 @@ class SAEEdit(Edit):
             return None
         B, H, W, C = update.shape
         sae = self.handle.sae
-        w = mask_weights(self.mask, info, rows, H, W, sae.device)
+        w = mask_weights(self.mask, [info.row_image[r] for r in rows], H, W, sae.device)
         if not bool(w.any()):
             return None
         u = update[rows].to(sae.device, sae.dtype).reshape(-1, C)

@@ -74,6 +74,7 @@ class Edit:
     target: str = "cond"
     sigma_start: float = math.inf
     sigma_end: float = 0.0
+    node: str = "SAE Unbox"  # the node that made the edit, named in run-time errors
 
     # Edits that also read the block's input (e.g. dumps of inputs/outputs) set this; their `apply`
     # then gets `block_input=` the block's input `[B, H, W, C]` as a keyword.
@@ -119,6 +120,10 @@ class BlockPatch:
                 h.remove()
 
 
+class NonFiniteEdit(RuntimeError):
+    """An edit turned a block's finite output into inf or NaN (e.g. a float16 overflow)."""
+
+
 class _BlockHook:
     def __init__(self, edits, info: CallInfo):
         self.edits = edits
@@ -127,7 +132,7 @@ class _BlockHook:
     def __call__(self, module, args, kwargs, output):
         x_in = args[0] if args else kwargs["x"]
         update = (output - x_in).permute(0, 2, 3, 1)  # [B, H, W, C]
-        changed = False
+        changed_by = []
         for edit in self.edits:
             if not edit.active(self.info):
                 continue
@@ -136,10 +141,23 @@ class _BlockHook:
             else:
                 new = edit.apply(update, self.info)
             if new is not None:
-                update, changed = new, True
-        if not changed:
+                update = new
+                changed_by.append(edit)
+        if not changed_by:
             return None  # leave the block's output untouched (bit-identical)
-        return x_in + update.permute(0, 3, 1, 2).to(output.dtype)
+        out = x_in + update.permute(0, 3, 1, 2).to(output.dtype)
+        if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(output).all()):
+            raise NonFiniteEdit(_non_finite_message(changed_by, output.dtype))
+        return out
+
+
+def _non_finite_message(edits, dtype: torch.dtype) -> str:
+    nodes = ", ".join(dict.fromkeys(e.node for e in edits))
+    block = edits[0].block
+    limit = f" (the largest {str(dtype).replace('torch.', '')} is {torch.finfo(dtype).max:.4g})" \
+        if dtype.is_floating_point else ""
+    return (f"{nodes}: the edit of block {block.short} ({block.comfy}) made the block's output non-finite "
+            f"(inf or NaN) in the UNet's {str(dtype).replace('torch.', '')}{limit}; lower the strength")
 
 
 def _find_transformer_options(args, kwargs) -> dict:
@@ -194,4 +212,4 @@ def block_channels(model, block: Block) -> int | None:
     return int(norm.weight.shape[0]) if norm is not None and getattr(norm, "weight", None) is not None else None
 
 
-__all__ = ["KEY", "TARGETS", "BlockPatch", "CallInfo", "Edit", "attach_edit", "block_channels", "current_patch", "unet_module"]
+__all__ = ["KEY", "TARGETS", "BlockPatch", "CallInfo", "Edit", "NonFiniteEdit", "attach_edit", "block_channels", "current_patch", "unet_module"]

@@ -6,7 +6,8 @@ from comfy_api.latest import io
 
 from ..sae_models.steering import MODES
 from .common import (
-    BLOCK_CHOICES, CATEGORY, SAE, TARGET_CHOICES, AUTO, NodeInputError, parse_features, resolve_block, sigma_range,
+    BLOCK_CHOICES, CATEGORY, SAE, TARGET_CHOICES, AUTO, NodeInputError, check_mask, check_strength, parse_features,
+    resolve_block, sigma_range,
 )
 from .edits import ReconstructEdit, SteerEdit
 from .patch import attach_edit
@@ -63,7 +64,9 @@ class SteerFeatures(io.ComfyNode):
     def execute(cls, model, sae, features, strength, mode, block, units, start_percent, end_percent, apply_to,
                 mask=None) -> io.NodeOutput:
         blk = resolve_block(STEER, sae, block, model)
+        strength = check_strength(STEER, "strength", strength)
         feats, strengths = parse_features(STEER, features, sae.sae.n_features, strength)
+        mask = check_mask(STEER, mask)
         if mode == "ablate":
             amounts = strengths  # the fraction of each feature's contribution to remove
         elif units == UNITS[0]:
@@ -89,8 +92,8 @@ class SteerFeatures(io.ComfyNode):
         if all(a == 0 for a in amounts):
             return io.NodeOutput(model)  # strength 0 is a no-op: the MODEL is passed on untouched
         s_start, s_end = sigma_range(STEER, model, start_percent, end_percent)
-        edit = SteerEdit(block=blk, target=apply_to, sigma_start=s_start, sigma_end=s_end, handle=sae, mask=mask,
-                         mode=mode, features=feats, amounts=amounts)
+        edit = SteerEdit(block=blk, target=apply_to, sigma_start=s_start, sigma_end=s_end, node=STEER, handle=sae,
+                         mask=mask, mode=mode, features=feats, amounts=amounts)
         return io.NodeOutput(attach_edit(model, edit))
 
 
@@ -116,7 +119,8 @@ class ReconstructBlock(io.ComfyNode):
     @classmethod
     def execute(cls, model, sae, block, keep_error, start_percent, end_percent, apply_to, mask=None):
         blk = resolve_block(RECONSTRUCT, sae, block, model)
+        mask = check_mask(RECONSTRUCT, mask)
         s_start, s_end = sigma_range(RECONSTRUCT, model, start_percent, end_percent)
-        edit = ReconstructEdit(block=blk, target=apply_to, sigma_start=s_start, sigma_end=s_end, handle=sae,
-                               mask=mask, keep_error=keep_error)
+        edit = ReconstructEdit(block=blk, target=apply_to, sigma_start=s_start, sigma_end=s_end, node=RECONSTRUCT,
+                               handle=sae, mask=mask, keep_error=keep_error)
         return io.NodeOutput(attach_edit(model, edit))

@@ -32,5 +32,28 @@ class TinySDXLCheckpointLoader:
         return tiny_sdxl.tiny_model(seed), tiny_sdxl.TinyCLIP(seed), tiny_sdxl.tiny_vae(seed)
 
 
-NODE_CLASS_MAPPINGS = {"TinySDXLCheckpointLoader": TinySDXLCheckpointLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"TinySDXLCheckpointLoader": "Tiny SDXL Checkpoint Loader (tests)"}
+class TinyMaskOfShape:
+    """A MASK of any shape (e.g. '0, 64, 64' or '1, 1, 64, 64'), filled with `value`: the shapes other packs
+    might hand over, which ComfyUI's own mask nodes do not make."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "shape": ("STRING", {"default": "1, 64, 64"}),
+            "value": ("FLOAT", {"default": 1.0, "min": -1e9, "max": 1e9}),
+        }}
+
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, shape, value):
+        import torch
+
+        dims = [int(d) for d in shape.replace(",", " ").split()]
+        return (torch.full(dims, float(value)),)
+
+
+NODE_CLASS_MAPPINGS = {"TinySDXLCheckpointLoader": TinySDXLCheckpointLoader, "TinyMaskOfShape": TinyMaskOfShape}
+NODE_DISPLAY_NAME_MAPPINGS = {"TinySDXLCheckpointLoader": "Tiny SDXL Checkpoint Loader (tests)",
+                              "TinyMaskOfShape": "Tiny Mask Of Shape (tests)"}
