@@ -1,22 +1,24 @@
 """ComfyUI entry point of the SAE Unbox node pack.
 
-ComfyUI imports this file (under a module name made from the pack's folder). It registers the `sae`
-model folder and the nodes; heavy work (loading SAEs, rendering) happens only when a node runs.
+ComfyUI imports this file (under a module name made from the pack's folder) and calls `comfy_entrypoint`
+once: it registers the `sae` model folder and the feature browser's routes, and hands ComfyUI the nodes
+(the V3 way; there are no V1 mapping dicts, which ComfyUI would read instead). Heavy work (loading SAEs,
+rendering) happens only when a node runs.
 """
 
 import importlib.util
 
 WEB_DIRECTORY = "./web"
 
-if importlib.util.find_spec("folder_paths") is None:
-    # Imported outside ComfyUI (e.g. while pytest collects the repository): there is nothing to register.
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
-else:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-    from .nodes.feature_browser import register_routes
-    from .nodes.sae_folder import register_sae_folder
+if importlib.util.find_spec("folder_paths") is not None:  # imported by ComfyUI, not e.g. by pytest collecting
 
-    register_sae_folder()
-    register_routes()  # the feature browser page, where ComfyUI's server runs
+    async def comfy_entrypoint():
+        from .nodes import SAEUnboxExtension
+        from .nodes.feature_browser import register_routes
+        from .nodes.sae_folder import register_sae_folder
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+        register_sae_folder()
+        register_routes()  # the feature browser's page and API, where ComfyUI's server runs
+        return SAEUnboxExtension()
+
+__all__ = ["WEB_DIRECTORY"]

@@ -1,4 +1,10 @@
-"""ComfyUI nodes of the pack: thin adapters over `sae_models` and the one patching mechanism (`patch.py`)."""
+"""ComfyUI nodes of the pack: thin adapters over `sae_models` and the one patching mechanism (`patch.py`).
+
+The node ids (`UnboxLoadSAE`, ...) are saved in workflows: never rename them. Each node spells its
+display name once, in its schema.
+"""
+
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .dump import DumpActivations, DumpImages, PromptList
 from .load import LoadSAE
@@ -6,28 +12,14 @@ from .probe import FeatureHeatmap, ProbeBlock, TopFeatures
 from .steer import ReconstructBlock, SteerFeatures
 from .train import TrainSAE
 
-# Stable node ids (saved in workflows): never rename them.
-NODE_CLASS_MAPPINGS = {
-    "UnboxLoadSAE": LoadSAE,
-    "UnboxSteerFeatures": SteerFeatures,
-    "UnboxReconstructBlock": ReconstructBlock,
-    "UnboxProbeBlock": ProbeBlock,
-    "UnboxFeatureHeatmap": FeatureHeatmap,
-    "UnboxTopFeatures": TopFeatures,
-    "UnboxDumpActivations": DumpActivations,
-    "UnboxDumpImages": DumpImages,
-    "UnboxPromptList": PromptList,
-    "UnboxTrainSAE": TrainSAE,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "UnboxLoadSAE": "Load SAE",
-    "UnboxSteerFeatures": "SAE Steer Features",
-    "UnboxReconstructBlock": "SAE Reconstruct Block",
-    "UnboxProbeBlock": "SAE Probe Block",
-    "UnboxFeatureHeatmap": "SAE Feature Heatmap",
-    "UnboxTopFeatures": "SAE Top Features",
-    "UnboxDumpActivations": "SAE Dump Activations",
-    "UnboxDumpImages": "SAE Dump Images",
-    "UnboxPromptList": "SAE Prompt List",
-    "UnboxTrainSAE": "SAE Train",
-}
+NODES: list[type[io.ComfyNode]] = [
+    LoadSAE, SteerFeatures, ReconstructBlock, ProbeBlock, FeatureHeatmap, TopFeatures,
+    DumpActivations, DumpImages, PromptList, TrainSAE,
+]
+
+
+class SAEUnboxExtension(ComfyExtension):
+    """What ComfyUI's loader gets from the pack's `comfy_entrypoint`."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

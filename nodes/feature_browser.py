@@ -23,8 +23,10 @@ from ..sae_models import FeatureStats, FeatureTable, SAEError, load
 from ..sae_models.features_table import SORT_KEYS
 from ..sae_models.formats.native import read_summary
 from ..sae_models.stats import features_index_path, read_features_index
-from .common import NodeInputError
-from .load import available_saes, resolve_sae_path
+from .errors import NodeInputError
+from .sae_folder import available_saes, find_sae
+
+NODE = "SAE feature browser"
 
 PREFIX = "/sae_unbox"
 PAGE = Path(__file__).resolve().parents[1] / "web" / "feature_browser.html"
@@ -93,7 +95,7 @@ class FeatureBrowser:
         if not known and name not in available_saes():  # the folder walk only for a name not seen yet
             raise _Refused(404, f"no SAE named {name!r} in models/sae")
         try:
-            path = resolve_sae_path(name)
+            path = find_sae(NODE, name)
         except NodeInputError as e:
             raise _Refused(404, str(e)) from None
         index_path = features_index_path(path)
@@ -122,7 +124,7 @@ class FeatureBrowser:
         out = []
         for name in available_saes():
             try:
-                path = resolve_sae_path(name)
+                path = find_sae(NODE, name)
             except NodeInputError:
                 continue
             if not os.path.isfile(features_index_path(path)):

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import os
 
-import folder_paths
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from .. import sae_models
-from ..sae_models.formats import list_saes
-from . import paths
-from .common import CATEGORY, SAE, NodeInputError
-from .sae_folder import FOLDER
+from .errors import NodeInputError
+from .sae_folder import available_saes, find_sae
 from .sae_handle import SAEHandle
+from .schema import CATEGORY, SAE
 
 NODE = "Load SAE"
-
-
-def available_saes() -> list[str]:
-    names: list[str] = []
-    for root in folder_paths.get_folder_paths(FOLDER):
-        names.extend(list_saes(root))
-    return sorted(set(names))
-
-
-def resolve_sae_path(name: str) -> str:
-    return paths.find_sae(NODE, name)
 
 
 class LoadSAE(io.ComfyNode):
@@ -33,7 +20,7 @@ class LoadSAE(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="UnboxLoadSAE",
-            display_name="Load SAE",
+            display_name=NODE,
             category=CATEGORY,
             description="Load a sparse autoencoder from ComfyUI/models/sae: the pack's .safetensors files, the "
             "paper's release folders as they are, SAELens, EleutherAI sparsify or dictionary_learning folders.",
@@ -50,7 +37,7 @@ class LoadSAE(io.ComfyNode):
 
     @classmethod
     def execute(cls, sae_name) -> io.NodeOutput:
-        path = resolve_sae_path(sae_name)
+        path = find_sae(NODE, sae_name)
         try:
             sae = sae_models.load(path)
         except sae_models.SAEError as e:
@@ -62,7 +49,7 @@ class LoadSAE(io.ComfyNode):
     def fingerprint_inputs(cls, sae_name):
         # Reload when the file changes on disk.
         try:
-            path = resolve_sae_path(sae_name)
+            path = find_sae(NODE, sae_name)
         except NodeInputError:
             return sae_name
         stamps = []

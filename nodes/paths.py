@@ -1,8 +1,8 @@
 """Paths that a workflow names, confined to ComfyUI's own folders.
 
 A workflow is untrusted input: people queue workflows that others shared. So every path a widget holds is
-relative, and is resolved under one root: ComfyUI's output folder, its input folder, `models/sae`, or a
-dump folder that the server's owner registered (a workflow cannot register one). A path is refused, with
+relative, and is resolved under one root: ComfyUI's output folder, its input folder, `models/sae`
+(`sae_folder`), or a dump folder that the server's owner registered (a workflow cannot register one). A path is refused, with
 an error naming the node and the input, when it is absolute, starts with `~`, holds `..`, a backslash, a
 `%` escape or a character outside letters, digits, space and `_ . , + - ( ) [ ] @ =`, or when it
 resolves, through a symbolic link, outside its root. The checks create nothing on disk.
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 DUMP_FOLDERS_ENV = "SAE_UNBOX_DUMP_FOLDERS"
 DUMP_FOLDERS_KEY = "sae_dumps"
-SAE_FOLDER = "sae"
 
 _PART = re.compile(r"[\w .,+\-()\[\]@=]+")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -151,26 +150,7 @@ def output_prefix(node: str, input_name: str, prefix: str, create: bool = True) 
     return folder, name, counter
 
 
-def sae_root() -> str:
-    """The first `models/sae` folder: where nodes write SAEs."""
-    return folder_paths.get_folder_paths(SAE_FOLDER)[0]
+def sae_file(*args, **kwargs):  # temporary: moved to sae_folder (nodes/train.py still calls it here)
+    from .sae_folder import sae_file as moved
 
-
-def sae_file(node: str, input_name: str, name: str, suffix: str = ".safetensors") -> str:
-    """A file to write under `models/sae`: `name` plus `suffix` unless it already ends so."""
-    parts = relative_parts(node, input_name, name)
-    if not parts[-1].endswith(suffix):
-        parts[-1] += suffix
-    return confine(node, input_name, sae_root(), parts, "models/sae")
-
-
-def find_sae(node: str, name: str) -> str:
-    """The file or folder called `name` in one of the SAE folders. Only the name is checked (relative, no
-    '..'): links the server's owner put into `models/sae` are followed, as ComfyUI does for model files."""
-    parts = relative_parts(node, "sae_name", name)
-    roots = folder_paths.get_folder_paths(SAE_FOLDER)
-    for root in roots:
-        path = os.path.join(root, *parts)
-        if os.path.exists(path):
-            return path
-    raise NodeInputError(node, f"{excerpt(name)} is not in the SAE folders ({', '.join(roots)})")
+    return moved(*args, **kwargs)

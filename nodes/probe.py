@@ -7,17 +7,16 @@ import math
 import os
 
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 import comfy.utils
 import folder_paths
 
 from ..sae_models.files import atomic_write_text
-from .common import (
-    AUTO, BLOCK_CHOICES, CATEGORY, SAE, SAE_PROBE, TARGET_CHOICES, NodeInputError, check_mask, parse_steps,
-    resolve_block,
-)
-from .errors import excerpt
+from .errors import NodeInputError, excerpt
+from .inputs import check_mask, parse_steps
+from .models import resolve_block
+from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE, SAE_PROBE, TARGET_CHOICES
 from .edits import ProbeEdit, ProbeRecorder, StepRecord, mask_weights
 from .patch import attach_edit
 from .paths import output_prefix
@@ -35,7 +34,7 @@ class ProbeBlock(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="UnboxProbeBlock",
-            display_name="SAE Probe Block",
+            display_name=PROBE,
             category=CATEGORY,
             description="Record the SAE codes of a block at chosen steps while the model samples (only the "
             "active features are kept). The image is not changed. Chain several probes through 'probe' to "
@@ -133,7 +132,7 @@ class FeatureHeatmap(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="UnboxFeatureHeatmap",
-            display_name="SAE Feature Heatmap",
+            display_name=HEATMAP,
             category=CATEGORY,
             description="Overlay where one feature fires on the generated image.",
             inputs=[
@@ -169,7 +168,7 @@ class TopFeatures(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="UnboxTopFeatures",
-            display_name="SAE Top Features",
+            display_name=TOP,
             category=CATEGORY,
             description="Rank a block's features by mean activation over the image (or over a MASK) and show "
             "the top ones as a labelled grid of heatmaps, plus the ranking as JSON.",

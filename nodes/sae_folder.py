@@ -1,10 +1,15 @@
-"""The `sae` model folder (`ComfyUI/models/sae/`) and the SAEs found in it."""
+"""The `sae` model folder (`ComfyUI/models/sae/`): registering it, the SAEs found in it, and where nodes read
+and write SAE files in it."""
 
 from __future__ import annotations
 
 import os
 
 import folder_paths
+
+from ..sae_models.formats import list_saes
+from .errors import NodeInputError, excerpt
+from .paths import confine, relative_parts
 
 FOLDER = "sae"
 EXTENSIONS = {".safetensors", ".pth", ".pt", ".json"}
@@ -21,3 +26,36 @@ def register_sae_folder() -> None:
     if default not in paths:
         paths.append(default)
     exts.update(EXTENSIONS)
+
+
+def available_saes() -> list[str]:
+    """Every SAE file or folder in the SAE folders, as names relative to them."""
+    names: list[str] = []
+    for root in folder_paths.get_folder_paths(FOLDER):
+        names.extend(list_saes(root))
+    return sorted(set(names))
+
+
+def sae_root() -> str:
+    """The first `models/sae` folder: where nodes write SAEs."""
+    return folder_paths.get_folder_paths(FOLDER)[0]
+
+
+def sae_file(node: str, input_name: str, name: str, suffix: str = ".safetensors") -> str:
+    """A file to write under `models/sae`: `name` plus `suffix` unless it already ends so."""
+    parts = relative_parts(node, input_name, name)
+    if not parts[-1].endswith(suffix):
+        parts[-1] += suffix
+    return confine(node, input_name, sae_root(), parts, "models/sae")
+
+
+def find_sae(node: str, name: str) -> str:
+    """The file or folder called `name` in one of the SAE folders. Only the name is checked (relative, no
+    '..'): links the server's owner put into `models/sae` are followed, as ComfyUI does for model files."""
+    parts = relative_parts(node, "sae_name", name)
+    roots = folder_paths.get_folder_paths(FOLDER)
+    for root in roots:
+        path = os.path.join(root, *parts)
+        if os.path.exists(path):
+            return path
+    raise NodeInputError(node, f"{excerpt(name)} is not in the SAE folders ({', '.join(roots)})")

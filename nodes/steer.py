@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..sae_models.steering import MODES
-from .common import (
-    BLOCK_CHOICES, CATEGORY, SAE, TARGET_CHOICES, AUTO, NodeInputError, check_mask, check_strength, parse_features,
-    resolve_block, sigma_range,
-)
+from .errors import NodeInputError
+from .inputs import check_mask, check_strength, parse_features, sigma_range
+from .models import resolve_block
+from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE, TARGET_CHOICES
 from .edits import ReconstructEdit, SteerEdit
 from .patch import attach_edit
 
@@ -36,7 +36,7 @@ class SteerFeatures(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="UnboxSteerFeatures",
-            display_name="SAE Steer Features",
+            display_name=STEER,
             category=CATEGORY,
             description="Turn SAE features on or off inside a transformer block while the model samples. "
             "add: add strength x mean x d_f at every position (the paper's paint); ablate: remove strength x the "
@@ -102,7 +102,7 @@ class ReconstructBlock(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="UnboxReconstructBlock",
-            display_name="SAE Reconstruct Block",
+            display_name=RECONSTRUCT,
             category=CATEGORY,
             description="Replace a block's update by the SAE's reconstruction, to see what the SAE keeps and "
             "what it loses. With keep_error the error term is added back (the image should not change).",

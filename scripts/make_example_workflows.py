@@ -132,10 +132,10 @@ def explore() -> dict:
         model, y = (probe, 0), y + 200
     dec = sample(g, model, pos, neg, latent, (ckpt, 2), "sae_explore/image", 800)
     for i, block in enumerate(PAPER_SAES):
-        top = g.add("UnboxTopFeatures", [9, block, -1, 0, 3, "inferno", 0.6, "sae_explore/top_features"],
+        top = g.add("UnboxTopFeatures", [9, block, -1, 0, 3, "inferno", 0.6, "sae_explore/top_features", "cond", 8.0],
                     (1200, i * 380), title=f"Top features {block}", probe=(probe, 1), image=(dec, 0))
         g.add("SaveImage", [f"sae_explore/top_{block}"], (1600, i * 380), images=(top, 0))
-    heat = g.add("UnboxFeatureHeatmap", [0, "down.2.1", -1, "inferno", 0.6, "image max"], (1200, 1560),
+    heat = g.add("UnboxFeatureHeatmap", [0, "down.2.1", -1, "inferno", 0.6, "image max", "cond", 8.0], (1200, 1560),
                  title="Heatmap of one feature (set its index)", probe=(probe, 1), image=(dec, 0))
     g.add("SaveImage", ["sae_explore/heatmap"], (1600, 1560), images=(heat, 0))
     return g.to_json("Explore: heatmaps and top features of the paper's four blocks",
@@ -219,7 +219,7 @@ def train() -> dict:
     probe = g.add("UnboxProbeBlock", [AUTO, "all", "cond"], (380, 600), title="Probe with the new SAE",
                   model=(ckpt, 0), sae=(sae, 0))
     dec = sample(g, (probe, 0), pos, neg, latent, (ckpt, 2), "sae_train/original", 800)
-    top = g.add("UnboxTopFeatures", [9, "up.0.1", -1, 0, 3, "inferno", 0.6, "sae_train/top_features"],
+    top = g.add("UnboxTopFeatures", [9, "up.0.1", -1, 0, 3, "inferno", 0.6, "sae_train/top_features", "cond", 8.0],
                 (1200, 0), title="Top features of the new SAE", probe=(probe, 1), image=(dec, 0))
     g.add("SaveImage", ["sae_train/top_features"], (1600, 0), images=(top, 0))
     steer = g.add("UnboxSteerFeatures", ["0", 20.0, "add", AUTO, "absolute", 0.0, 1.0, "cond"],

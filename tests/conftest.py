@@ -96,7 +96,9 @@ class ComfyPack:
 
     @property
     def pack_node_names(self) -> set:
-        return set(self.module.NODE_CLASS_MAPPINGS)
+        """Ids of the nodes the pack registered (through its comfy_entrypoint)."""
+        prefix = self.module.__name__ + "."
+        return {name for name, cls in self.nodes.NODE_CLASS_MAPPINGS.items() if cls.__module__.startswith(prefix)}
 
     def node(self, name: str):
         """A node class by its type name, e.g. `pack.node("KSampler")().sample(...)`."""

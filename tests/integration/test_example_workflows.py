@@ -106,44 +106,99 @@ def test_sae_folders_are_listed_by_load_sae(server):
     assert set(PAPER_SAE_FOLDERS.values()) <= set(names)
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_example_workflow_runs(server, path, request):
-    if path.stem == "train":
-        request.getfixturevalue("dumped")  # train on the dump workflow's output
-    entry = server.run(to_api(server, path), timeout=600)
-    if path.stem == "dump":  # writes shards and images into the dump folder, no SaveImage
-        rec = [r for r in dump_records(server) if r["seed"] == 0]
-        assert rec and rec[0]["prompt"] == "a photo of a cat sleeping on a sofa"
-        assert (server.output_dir / DUMP / rec[0]["file"]).is_file()
-        for block in PAPER_SAE_FOLDERS:
-            assert list((server.output_dir / DUMP / block).glob("*.safetensors")), block
-        return
+def run(server, name: str, **text) -> tuple[dict, dict[str, Path]]:
+    """Run example workflow `name` through the server: its history entry and its saved images by prefix
+    (`<subfolder>/<file prefix>`)."""
+    entry = server.run(to_api(server, ROOT / "example_workflows" / f"{name}.json", **text), timeout=600)
     files = [f for fs in saved(server, entry).values() for f in fs]
     assert files and all(f.is_file() for f in files)
-    by_prefix = {f.parent.name + "/" + f.name.split("_0")[0]: f for f in files}
-    if path.stem == "explore":
-        blocks = set(PAPER_SAE_FOLDERS)
-        jsons = sorted((server.output_dir / "sae_explore").glob("top_features_*.json"))
-        seen = {json.loads(p.read_text())["block"] for p in jsons}
-        assert seen == blocks
-        assert {f"sae_explore/top_{b}" for b in blocks} <= set(by_prefix)
-        assert "sae_explore/heatmap" in by_prefix and "sae_explore/image" in by_prefix
-        top = json.loads(jsons[-1].read_text())
-        assert top["grid"] == [16, 16] and 1 <= len(top["features"]) <= 9
-        means = [f["mean_activation"] for f in top["features"]]
-        assert means == sorted(means, reverse=True) and means[0] > 0
-    if path.stem == "train":
-        top = json.loads(sorted((server.output_dir / "sae_train").glob("top_features_*.json"))[-1].read_text())
-        assert top["block"] == "up.0.1" and top["features"]
-    if path.stem in ("paint", "reconstruct", "train"):
-        pre = f"sae_{path.stem}/"
-        original = pixels(by_prefix[pre + "original"])
-        other = pixels(by_prefix[pre + ("reconstructed" if path.stem == "reconstruct" else "steered")])
-        assert np.abs(original - other).max() > 0
-        if path.stem == "paint":  # painted inside the central square only: the far corners barely move
-            corner = np.abs(original - other)[:64, :64].mean()
-            centre = np.abs(original - other)[192:320, 192:320].mean()
-            assert centre > corner
+    return entry, {f.parent.name + "/" + f.name.split("_0")[0]: f for f in files}
+
+
+def test_every_example_workflow_has_its_own_test():
+    assert all(callable(globals().get(f"test_{p.stem}_workflow")) for p in WORKFLOWS)
+
+
+def test_explore_workflow(server):
+    _, images = run(server, "explore")
+    blocks = set(PAPER_SAE_FOLDERS)
+    jsons = sorted((server.output_dir / "sae_explore").glob("top_features_*.json"))
+    assert {json.loads(p.read_text())["block"] for p in jsons} == blocks
+    assert {f"sae_explore/top_{b}" for b in blocks} <= set(images)
+    assert "sae_explore/heatmap" in images and "sae_explore/image" in images
+    top = json.loads(jsons[-1].read_text())
+    assert top["grid"] == [16, 16] and 1 <= len(top["features"]) <= 9 and top["rows"] == "cond"
+    means = [f["mean_activation"] for f in top["features"]]
+    assert means == sorted(means, reverse=True) and means[0] > 0
+
+
+def test_paint_workflow(server):
+    _, images = run(server, "paint")
+    change = np.abs(pixels(images["sae_paint/original"]) - pixels(images["sae_paint/steered"]))
+    assert change.max() > 0
+    # painted inside the central square only: the far corners barely move
+    assert change[192:320, 192:320].mean() > change[:64, :64].mean()
+
+
+def test_feature_icon_workflow(server):
+    _, icon = run(server, "feature_icon")
+    api = to_api(server, ROOT / "example_workflows" / "feature_icon.json")
+    (steer,) = [n for n in api.values() if n["class_type"] == "UnboxSteerFeatures"]
+    steer["inputs"]["features"] = "1"  # another feature: another icon
+    other = server.run(api, timeout=600)
+    (f,) = [f for fs in saved(server, other).values() for f in fs]
+    assert np.abs(pixels(icon["sae_feature_icon/feature"]) - pixels(f)).max() > 0
+
+
+def firing_features(server, block: str, prompt: str, n: int = 2) -> list[int]:
+    """The top features of `block` for `prompt`, from the explore workflow's ranking."""
+    entry = server.run(to_api(server, ROOT / "example_workflows" / "explore.json", prompt=prompt), timeout=600)
+    for out in entry["outputs"].values():
+        for text in out.get("text", []):
+            ranking = json.loads(text) if text.startswith("{") else {}
+            if ranking.get("block") == block:
+                return [f["feature"] for f in ranking["features"][:n]]
+    raise AssertionError(f"no ranking of {block}")
+
+
+def test_ablate_workflow(server):
+    prompt = "a red sports car on a mountain road, dramatic sky"
+    _, images = run(server, "ablate")  # as shipped: features 0 and 1
+    api = to_api(server, ROOT / "example_workflows" / "ablate.json")
+    (steer,) = [n for n in api.values() if n["class_type"] == "UnboxSteerFeatures"]
+    steer["inputs"]["features"] = ", ".join(map(str, firing_features(server, "up.0.1", prompt)))
+    entry = server.run(api, timeout=600)
+    files = {f.name.split("_0")[0]: f for fs in saved(server, entry).values() for f in fs}
+    # removing features that fire on this image changes it
+    assert np.abs(pixels(files["original"]) - pixels(files["steered"])).max() > 0
+    assert np.array_equal(pixels(files["original"]), pixels(images["sae_ablate/original"]))
+
+
+def test_reconstruct_workflow(server):
+    _, images = run(server, "reconstruct")
+    assert np.abs(pixels(images["sae_reconstruct/original"]) - pixels(images["sae_reconstruct/reconstructed"])).max() > 0
+
+
+def test_dump_workflow(server):
+    server.run(to_api(server, ROOT / "example_workflows" / "dump.json"), timeout=600)
+    rec = [r for r in dump_records(server) if r["seed"] == 0]
+    assert rec and rec[0]["prompt"] == "a photo of a cat sleeping on a sofa"
+    assert (server.output_dir / DUMP / rec[0]["file"]).is_file()
+    manifest = json.loads((server.output_dir / DUMP / "manifest.json").read_text())
+    assert set(manifest["blocks"]) == set(PAPER_SAE_FOLDERS) and manifest["dtype"] == "float16"
+    for block in PAPER_SAE_FOLDERS:
+        assert list((server.output_dir / DUMP / block).glob("*.safetensors")), block
+
+
+def test_train_workflow(server, dumped):
+    _, images = run(server, "train")
+    assert (server.sae_dir / "my_sae_up.0.1.safetensors").is_file()
+    top = json.loads(sorted((server.output_dir / "sae_train").glob("top_features_*.json"))[-1].read_text())
+    assert top["block"] == "up.0.1" and top["features"] and top["sae"] == "my_sae_up.0.1.safetensors"
+    assert np.abs(pixels(images["sae_train/original"]) - pixels(images["sae_train/steered"])).max() > 0
+    options = server.object_info()["UnboxLoadSAE"]["input"]["required"]["sae_name"]
+    names = options[0] if isinstance(options[0], list) else options[1]["options"]
+    assert "my_sae_up.0.1.safetensors" in names  # listed for Load SAE at once
 
 
 def test_queue_prompts_dumps_each_prompt_once_and_resumes(server, dumped):
@@ -155,15 +210,6 @@ def test_queue_prompts_dumps_each_prompt_once_and_resumes(server, dumped):
     again = queue_prompts(server, prompt_file)
     assert again.returncode == 0 and "3 already dumped, 0 to queue" in again.stdout
     assert len([r for r in dump_records(server) if r["prompt"] in PROMPTS]) == 3
-
-
-def test_trained_sae_is_saved_and_listed(server, dumped):
-    server.run(to_api(server, ROOT / "example_workflows" / "train.json"), timeout=900)
-    assert (server.sae_dir / "my_sae_up.0.1.safetensors").is_file()
-    assert (server.sae_dir / "my_sae_up.0.1.features.json").is_file()
-    options = server.object_info()["UnboxLoadSAE"]["input"]["required"]["sae_name"]
-    names = options[0] if isinstance(options[0], list) else options[1]["options"]
-    assert "my_sae_up.0.1.safetensors" in names
 
 
 def test_caching_and_new_prompt(server):

@@ -66,9 +66,20 @@ def no_hooks_left(model):
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.model.diffusion_model.modules())
 
 
-def test_pack_nodes_are_registered(comfy_pack):
-    assert {"UnboxLoadSAE", "UnboxSteerFeatures", "UnboxReconstructBlock", "UnboxProbeBlock",
-            "UnboxFeatureHeatmap", "UnboxTopFeatures"} <= comfy_pack.pack_node_names
+NODES = {  # id (saved in workflows) -> display name
+    "UnboxLoadSAE": "Load SAE", "UnboxSteerFeatures": "SAE Steer Features",
+    "UnboxReconstructBlock": "SAE Reconstruct Block", "UnboxProbeBlock": "SAE Probe Block",
+    "UnboxFeatureHeatmap": "SAE Feature Heatmap", "UnboxTopFeatures": "SAE Top Features",
+    "UnboxDumpActivations": "SAE Dump Activations", "UnboxDumpImages": "SAE Dump Images",
+    "UnboxPromptList": "SAE Prompt List", "UnboxTrainSAE": "SAE Train",
+}
+
+
+def test_all_ten_nodes_are_registered_through_the_v3_entry_point(comfy_pack):
+    assert comfy_pack.pack_node_names == set(NODES)
+    assert {n: comfy_pack.nodes.NODE_DISPLAY_NAME_MAPPINGS[n] for n in NODES} == NODES
+    assert not hasattr(comfy_pack.module, "NODE_CLASS_MAPPINGS")  # ComfyUI would ignore the entry point
+    assert all(comfy_pack.node(n).GET_SCHEMA().category == "sae_unbox" for n in NODES)
 
 
 def test_strength_zero_returns_the_model_untouched(pk, tiny, model):

@@ -1,0 +1,17 @@
+"""What the pack's nodes share in their schemas: the category, the socket types, and the choices and
+inputs several nodes offer."""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import io
+
+from ..sae_models.blocks import SHORT_NAMES
+
+CATEGORY = "sae_unbox"
+AUTO = "auto (the SAE's block)"
+BLOCK_CHOICES = [AUTO, *SHORT_NAMES]
+TARGET_CHOICES = ["cond", "uncond", "both"]
+
+SAE = io.Custom("SAE")
+SAE_PROBE = io.Custom("SAE_PROBE")
+SAE_DUMP = io.Custom("SAE_DUMP")
