@@ -4,7 +4,8 @@ Every probing, steering and dumping node adds an *edit* to a MODEL through `atta
 MODEL live in one immutable `BlockPatch`, registered on the ModelPatcher as a keyed DIFFUSION_MODEL
 wrapper. For the duration of one call of the UNet, the wrapper puts a forward hook on each transformer
 block that has edits; the hook reads the block's input and output, hands the update (output minus
-input) to the edits in the order they were added, and returns `input + edited update`. The hooks are
+input; in float32 for half-precision UNets) to the edits in the order they were added, and returns the
+output plus what the edits changed (so what no edit touched keeps its exact value). The hooks are
 removed in `finally`, so none survives the call, an exception or an interrupt.
 
 A ModelPatcher clone shares the wrapper object (ComfyUI copies wrapper lists shallowly), and adding an
@@ -23,9 +24,9 @@ import torch
 from comfy.patcher_extension import WrappersMP
 
 from ..sae_models.blocks import Block
+from .models import block_channels  # noqa: F401  (temporary re-export for nodes/dump.py)
 
 KEY = "comfyui-sae-unbox"
-TARGETS = ("cond", "uncond", "both")
 
 
 @dataclass
@@ -131,8 +132,10 @@ class _BlockHook:
 
     def __call__(self, module, args, kwargs, output):
         x_in = args[0] if args else kwargs["x"]
-        update = (output - x_in).permute(0, 2, 3, 1)  # [B, H, W, C]
-        changed_by = []
+        # Half-precision UNets: the edits see the update in float32 (the exact difference of two halves).
+        work = torch.float32 if output.dtype in (torch.float16, torch.bfloat16) else output.dtype
+        original = (output.to(work) - x_in.to(work)).permute(0, 2, 3, 1)  # [B, H, W, C]
+        update, changed_by = original, []
         for edit in self.edits:
             if not edit.active(self.info):
                 continue
@@ -145,7 +148,8 @@ class _BlockHook:
                 changed_by.append(edit)
         if not changed_by:
             return None  # leave the block's output untouched (bit-identical)
-        out = x_in + update.permute(0, 3, 1, 2).to(output.dtype)
+        # The output plus what the edits changed: positions no edit touched keep their exact output values.
+        out = output + (update - original).permute(0, 3, 1, 2).to(output.dtype)
         if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(output).all()):
             raise NonFiniteEdit(_non_finite_message(changed_by, output.dtype))
         return out
@@ -192,24 +196,4 @@ def attach_edit(model, edit: Edit):
     return m
 
 
-def unet_module(model, block: Block):
-    """The transformer block's module inside a ModelPatcher's diffusion model (None if absent)."""
-    try:
-        return model.get_model_object("diffusion_model").get_submodule(block.comfy)
-    except AttributeError:
-        return None
-
-
-def block_channels(model, block: Block) -> int | None:
-    """Channels of the block in this model (1280 for SDXL's paper blocks), read from its weights."""
-    module = unet_module(model, block)
-    if module is None:
-        return None
-    proj = getattr(module, "proj_in", None)
-    if proj is not None and hasattr(proj, "weight"):
-        return int(proj.weight.shape[1])
-    norm = getattr(module, "norm", None)
-    return int(norm.weight.shape[0]) if norm is not None and getattr(norm, "weight", None) is not None else None
-
-
-__all__ = ["KEY", "TARGETS", "BlockPatch", "CallInfo", "Edit", "NonFiniteEdit", "attach_edit", "block_channels", "current_patch", "unet_module"]
+__all__ = ["KEY", "BlockPatch", "CallInfo", "Edit", "NonFiniteEdit", "attach_edit", "current_patch"]

@@ -27,7 +27,9 @@ class SAEHandle:
     it; `patcher()` gives the ModelPatcher through which ComfyUI moves it with the UNet."""
 
     def __init__(self, sae: SparseAutoencoder, name: str, path: str | None = None):
-        self.sae = sae
+        # Edits and probes compute in float32 whatever the file stores (an fp16 SAE would round every edited
+        # update and could overflow); the UNet's own dtype is left to ComfyUI.
+        self.sae = sae.float() if sae.dtype != torch.float32 else sae
         self.name = name
         self.path = path
         self._container = _SAEContainer(sae)

@@ -14,6 +14,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
+import comfy.utils
 
 CONTEXT_DIM = 64  # SDXL: 2048
 POOLED_DIM = 1280  # as SDXL: adm_in_channels 2816 = 1280 pooled + 6 * 256 size embeddings
@@ -63,6 +64,31 @@ def tiny_model(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     return comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device())
+
+
+COMPUTE_CHOICES = ("as ComfyUI chooses", "in the weight dtype")
+
+
+def tiny_checkpoint_model(seed: int = 0, compute: str = COMPUTE_CHOICES[0]) -> comfy.model_patcher.ModelPatcher:
+    """The tiny model's weights loaded as ComfyUI loads a checkpoint (comfy.sd.load_state_dict_guess_config):
+    the UNet dtype and the compute dtype come from ComfyUI's own unet_dtype()/unet_manual_cast(), so the
+    server's --fp16-unet, --bf16-unet and --force-fp16 flags apply. On a CPU ComfyUI then computes in fp32
+    (manual cast); `compute="in the weight dtype"` computes in the weight dtype, as ComfyUI does on a GPU."""
+    sd = tiny_model(seed).model.diffusion_model.state_dict()
+    config = comfy.supported_models.SDXL(UNET_CONFIG)
+    config.unet_config["num_head_channels"] = NUM_HEAD_CHANNELS
+    mm = comfy.model_management
+    load_device = mm.get_torch_device()
+    params = comfy.utils.calculate_parameters(sd)
+    unet_dtype = mm.unet_dtype(model_params=params, supported_dtypes=list(config.supported_inference_dtypes),
+                               weight_dtype=comfy.utils.weight_dtype(sd))
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, config.supported_inference_dtypes)
+    if compute == COMPUTE_CHOICES[1]:
+        manual_cast = None
+    config.set_inference_dtype(unet_dtype, manual_cast)
+    model = config.get_model(sd, "", device=mm.unet_inital_load_device(params, unet_dtype))
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
 
 
 def _channels(patcher) -> dict[str, int]:

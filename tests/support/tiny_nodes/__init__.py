@@ -15,21 +15,24 @@ import tiny_sdxl  # noqa: E402  (ComfyUI imports this pack under a path-based na
 
 
 class TinySDXLCheckpointLoader:
-    """MODEL, CLIP, VAE like CheckpointLoaderSimple, built in memory from a seed."""
+    """MODEL, CLIP, VAE like CheckpointLoaderSimple, built in memory from a seed; the UNet's dtype follows the
+    server's flags (--fp16-unet, ...) as a real checkpoint's would."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "ckpt_name": ("STRING", {"default": "tiny"}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+        }, "optional": {
+            "compute": (list(tiny_sdxl.COMPUTE_CHOICES), {"default": tiny_sdxl.COMPUTE_CHOICES[0]}),
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load_checkpoint"
     CATEGORY = "testing"
 
-    def load_checkpoint(self, ckpt_name, seed=0):
-        return tiny_sdxl.tiny_model(seed), tiny_sdxl.TinyCLIP(seed), tiny_sdxl.tiny_vae(seed)
+    def load_checkpoint(self, ckpt_name, seed=0, compute=tiny_sdxl.COMPUTE_CHOICES[0]):
+        return tiny_sdxl.tiny_checkpoint_model(seed, compute), tiny_sdxl.TinyCLIP(seed), tiny_sdxl.tiny_vae(seed)
 
 
 class TinyMaskOfShape:
