@@ -15,6 +15,9 @@ def pk(comfy_pack):
     class P:
         patch = sys.modules[name + ".nodes.patch"]
         edits = sys.modules[name + ".nodes.edits"]
+        inputs = sys.modules[name + ".nodes.inputs"]
+        render = sys.modules[name + ".nodes.render"]
+        paths = sys.modules[name + ".nodes.paths"]
         handle = sys.modules[name + ".nodes.sae_handle"]
         sm = sys.modules[name + ".sae_models"]
         N = comfy_pack.node_class_mappings
