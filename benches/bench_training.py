@@ -72,7 +72,7 @@ K = 10
 BATCH = 4096
 LR = 1e-4
 
-# our trainer's documented defaults that matter for the comparison (see sae_models.training.train)
+# our trainer's documented defaults that matter for the comparison (see sae_models.training.TrainConfig)
 OURS_AUXK = 256
 OURS_AUXK_COEF = 1 / 32
 OURS_EPS = 6.25e-10
@@ -334,7 +334,7 @@ def run_saelens(it: TimedIterator, tokens: int, seed: int, dead_window_steps: in
 
 def describe_differences(dead_window_steps: int, steps: int, saelens_b_dec: str) -> list[str]:
     """What could not be made the same between the two runs (SAELens side read from its installed source,
-    ours from sae_models.training's docstring)."""
+    ours from sae_models.training.recipe's docstring)."""
     lines = [
         f"AuxK: ours top auxk={OURS_AUXK} dead latents, loss normalised by the residual's variance; SAELens fixes "
         f"k_aux = d_in // 2 = {D_IN // 2} and scales by min(n_dead / k_aux, 1), unnormalised; both coefficient 1/32.",
@@ -484,12 +484,12 @@ def main():
 
 
 def our_dead_window_steps() -> int | None:
-    """Our trainer's dead-feature window in steps, if `train` exposes it as a token count."""
+    """Our trainer's dead-feature window in steps, if its options (`TrainConfig`) expose it as a token count."""
     import inspect
 
-    from sae_models.training import train
+    from sae_models.training import TrainConfig
 
-    params = inspect.signature(train).parameters
+    params = inspect.signature(TrainConfig).parameters
     for name in ("dead_toks_threshold", "dead_tokens", "dead_feature_tokens", "dead_after_tokens", "dead_window_tokens"):
         if name in params and isinstance(params[name].default, int):
             return max(1, params[name].default // BATCH)

@@ -31,9 +31,10 @@ from .features_table import FeatureTable
 from .metadata import FeatureStats, SAEConfig
 from . import metrics, shards, stats, training
 from .metrics import evaluate, fvu
+from .pipeline import train_on_dump
 from .shards import ShardWriter, done_images, iter_vectors, read_manifest
 from .stats import feature_stats, features_index, read_features_index, write_features_index
-from .training import train
+from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -42,5 +43,5 @@ __all__ = [
     "SAEConfig", "SAEError", "SAEFormatError", "SDXL_BLOCKS", "SparseAutoencoder", "SparseCodes", "TopKSAE",
     "UnsafePickleError", "block_from_text", "build", "detect", "find_block", "get_block", "load", "save",
     "ShardWriter", "done_images", "evaluate", "feature_stats", "features_index", "fvu", "iter_vectors", "metrics",
-    "read_features_index", "read_manifest", "shards", "stats", "train", "training", "write_features_index",
+    "read_features_index", "read_manifest", "shards", "stats", "train", "TrainConfig", "train_on_dump", "training", "write_features_index",
 ]

@@ -68,68 +68,38 @@ def _block(dump: str, block: str | None) -> str:
 class _Progress:
     """A one-line progress report on stderr (loss, FVU, L0, dead fraction, tokens/s)."""
 
-    def __init__(self, total_steps: int | None, enabled: bool = True):
-        self.total, self.enabled, self.t0 = total_steps, enabled, time.perf_counter()
+    def __init__(self):
+        self.t0 = time.perf_counter()
 
     def __call__(self, m: dict) -> None:
-        if not self.enabled or "loss" not in m:
+        if "loss" not in m:
             return
         rate = m["tokens"] / max(time.perf_counter() - self.t0, 1e-9)
-        of = f"/{self.total}" if self.total else ""
+        of = f"/{m['total_steps']}" if m.get("total_steps") else ""
         print(f"\rstep {m['step']}{of}  tokens {m['tokens']}  loss {m['loss']:.4f}  fvu {m['fvu']:.4f}  "
               f"l0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  {rate:,.0f} tok/s", end="", file=sys.stderr, flush=True)
 
 
 def _train(args) -> int:
-    import torch.distributed as dist
+    from .pipeline import train_on_dump
+    from .training import TrainConfig
 
-    from .metrics import evaluate
-    from .shards import iter_vectors
-    from .stats import features_index_path, summarize_features, write_features_index
-    from .training import train
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    own_group = world > 1 and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    try:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        block = _block(args.dump, args.block)
-        split = "train" if args.eval_fraction > 0 else "all"
-        data = iter_vectors(args.dump, block, batch_size=args.batch_size, seed=args.seed, rank=rank,
-                            world_size=world, split=split, eval_fraction=args.eval_fraction,
-                            shuffle_shards=args.shuffle_shards, epochs=args.epochs)
-        tokens = args.max_tokens
-        steps = (tokens // (args.batch_size * world)) if tokens else None
-        sae = train(data, n_features=args.n_features, k=args.k, architecture=args.architecture, auxk=args.auxk,
-                    batch_size=args.batch_size, lr=args.lr, max_tokens=tokens, seed=args.seed, device=args.device,
-                    block=block, base_model=args.base_model, hook="update", checkpoint_dir=args.checkpoint_dir,
-                    checkpoint_every=args.checkpoint_every,
-                    callback=_Progress(steps, enabled=rank == 0), log_every=args.log_every)
-        if own_group:
-            dist.barrier()  # no rank starts tearing down while another is still finishing a collective
-    finally:
-        # Every rank tears its group down as soon as training is over; rank 0 then evaluates and writes the
-        # file alone, without the group (see the os._exit at the bottom for leaving the process).
-        if own_group:
-            dist.destroy_process_group()
-    if rank != 0:
+    config = TrainConfig(n_features=args.n_features, k=args.k, architecture=args.architecture, auxk=args.auxk,
+                         batch_size=args.batch_size, lr=args.lr, max_tokens=args.max_tokens, seed=args.seed,
+                         device=args.device, base_model=args.base_model, checkpoint_dir=args.checkpoint_dir,
+                         checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+    # Under torchrun the pipeline makes the process group and tears it down when training ends; only rank 0
+    # (callbacks included) evaluates and writes, the other ranks get None (see the os._exit at the bottom).
+    done = train_on_dump(args.dump, args.out, config, block=args.block, eval_fraction=args.eval_fraction,
+                         epochs=args.epochs, shuffle_shards=args.shuffle_shards, statistics=not args.no_stats,
+                         top_n=args.top_n, stats_tokens=args.stats_tokens, callback=_Progress())
+    if done is None:
         return 0
     print(file=sys.stderr)
-    sae = sae.to("cpu")
-    def stream(split_, **kw):
-        return iter_vectors(args.dump, block, batch_size=args.batch_size, split=split_, shuffle=False,
-                            eval_fraction=args.eval_fraction, **kw)
-    if args.eval_fraction > 0:
-        m = evaluate(sae, stream("eval"))
-        print(f"held-out: fvu {m['fvu']:.4f}  l0 {m['l0']:.2f}  dead {m['dead_fraction']:.1%}  "
-              f"({m['n_tokens']} vectors)")
-    if not args.no_stats:
-        sae.stats, index = summarize_features(sae, stream("all", with_meta=True), top_n=args.top_n,
-                                              max_tokens=args.stats_tokens)
-        write_features_index(index, features_index_path(args.out))
-    save(sae, args.out)
-    print(f"wrote {args.out}")
+    m = done.metrics
+    print(f"{'held-out' if done.held_out else 'whole dump'}: fvu {m['fvu']:.4f}  l0 {m['l0']:.2f}  "
+          f"dead {m['dead_fraction']:.1%}  ({m['n_tokens']} vectors)")
+    print(f"wrote {args.out}" + (f" and {done.index_path}" if done.index_path else ""))
     return 0
 
 

@@ -208,12 +208,19 @@ class BatchTopKSAE(SparseAutoencoder):
         post = pre.relu()
         return post * (post > self.threshold)
 
-    def batch_activation(self, pre: torch.Tensor) -> torch.Tensor:
-        """Training-time activation: top `k * batch` of the flattened batch `[batch, n_features]`."""
+    def batch_activation(self, pre: torch.Tensor, sparse: bool = False):
+        """Training-time activation: top `k * batch` of the flattened batch `[batch, n_features]` of `ReLU(pre)`,
+        the rest 0. With `sparse`, `(flat_index, value)` of the kept positive entries instead, flat indices
+        ascending (what the trainer's sparse step uses)."""
         post = pre.relu()
         flat = post.flatten()
         keep = min(self.config.k * pre.shape[0], flat.numel())
         values, idx = flat.topk(keep, sorted=False)
+        if sparse:
+            idx, order = idx.sort()
+            values = values[order]
+            positive = values > 0
+            return idx[positive], values[positive]
         return torch.zeros_like(flat).scatter_(0, idx, values).view_as(post)
 
 

@@ -7,11 +7,13 @@ dimension over the vectors, so FVU = 1 for the reconstruction that always output
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
-__all__ = ["fvu", "l0", "dead_fraction", "evaluate"]
+from .moments import RunningMoments
+
+__all__ = ["dead_fraction", "evaluate", "fvu", "l0"]
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -34,31 +36,6 @@ def dead_fraction(codes: torch.Tensor) -> torch.Tensor:
     return 1.0 - fired.double().mean()
 
 
-class _Moments:
-    """Exact running per-dimension mean and sum of squared deviations (Chan et al.'s pairwise update), float64."""
-
-    def __init__(self):
-        self.n = 0
-        self.mean = None
-        self.m2 = None
-
-    def add(self, x: torch.Tensor):
-        x = x.double()
-        nb = x.shape[0]
-        if nb == 0:
-            return
-        mb = x.mean(0)
-        m2b = (x - mb).pow(2).sum(0)
-        if self.n == 0:
-            self.n, self.mean, self.m2 = nb, mb, m2b
-            return
-        n = self.n + nb
-        delta = mb - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2b + delta.pow(2) * (self.n * nb / n)
-        self.n = n
-
-
 @torch.no_grad()
 def evaluate(sae, batches: Iterable[torch.Tensor], max_tokens: int | None = None) -> dict:
     """Reconstruction quality of `sae` on `batches` (an iterable of `[batch, d_in]` tensors, or a tensor).
@@ -70,7 +47,7 @@ def evaluate(sae, batches: Iterable[torch.Tensor], max_tokens: int | None = None
     """
     if isinstance(batches, torch.Tensor):
         batches = [batches]
-    moments = _Moments()
+    moments = RunningMoments(sae.d_in, sae.device)
     sq_err = 0.0
     active = 0
     fired = torch.zeros(sae.n_features, dtype=torch.bool, device=sae.device)
@@ -97,7 +74,7 @@ def evaluate(sae, batches: Iterable[torch.Tensor], max_tokens: int | None = None
             active += int((dense != 0).sum())
             fired |= (dense != 0).any(0)
         sq_err += float((x.double() - x_hat.double()).pow(2).sum())
-        moments.add(x)
+        moments.add_rows(x)
         n += x.shape[0]
     if n == 0:
         raise ValueError("evaluate: no vectors in batches")

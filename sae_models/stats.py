@@ -7,56 +7,43 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from .architectures import SparseAutoencoder
 from .errors import SAEFormatError
+from .files import atomic_write_text
 from .metadata import FeatureStats
+from .moments import RunningMoments
 
 RECORD_KEYS = ("prompt", "seed", "file")
 _IMAGE_BITS = 40  # key of an image: writer index << 40 | image index
 
 
-class _Moments:
-    """Running per-feature count, mean and M2 of the activations where a feature is active (float64; batches
-    merged with the pairwise (Chan et al.) update, so the variance does not suffer from cancellation)."""
+class _FeatureMoments:
+    """Running moments of each feature's activation where it is active, and the number of vectors seen."""
 
     def __init__(self, n_features: int, device):
-        self.F, self.dev = n_features, device
-        self.count = torch.zeros(n_features, dtype=torch.float64, device=device)
-        self.mean = torch.zeros(n_features, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(n_features, dtype=torch.float64, device=device)
+        self.moments = RunningMoments(n_features, device)
         self.n_vectors = 0
 
     def add(self, values: torch.Tensor, indices: torch.Tensor) -> None:
         active = values > 0
-        f = indices[active]
-        v = values[active].to(torch.float64)
-        c_b = torch.bincount(f, minlength=self.F).to(torch.float64)
-        mean_b = torch.zeros(self.F, dtype=torch.float64, device=self.dev).index_add_(0, f, v) / c_b.clamp_min(1)
-        m2_b = torch.zeros(self.F, dtype=torch.float64, device=self.dev).index_add_(0, f, (v - mean_b[f]) ** 2)
-        total = self.count + c_b
-        delta = mean_b - self.mean
-        self.mean += delta * c_b / total.clamp_min(1)
-        self.m2 += m2_b + delta**2 * self.count * c_b / total.clamp_min(1)
-        self.count = total
+        self.moments.add_values(values[active], indices[active])
         self.n_vectors += len(values)
 
     def result(self) -> FeatureStats:
         if self.n_vectors == 0:
             raise ValueError("feature_stats: no vectors in the data")
-        std = (self.m2 / self.count.clamp_min(1)).clamp_min(0).sqrt()
+        m = self.moments
         return FeatureStats(
-            mean=self.mean.float().cpu(),
-            frequency=(self.count / self.n_vectors).float().cpu(),
-            std=std.float().cpu(),
+            mean=m.mean.float().cpu(),
+            frequency=(m.count / self.n_vectors).float().cpu(),
+            std=m.std().float().cpu(),
             n_vectors=self.n_vectors,
         )
 
@@ -85,9 +72,9 @@ def feature_stats(sae: SparseAutoencoder, batches: Iterable, *, max_tokens: int 
     (> 0), its frequency (fraction of vectors where active) and the number of vectors seen.
 
     `batches`: any iterable of `[n, d_in]` tensors (or `(tensor, meta)` pairs); at most `max_tokens` vectors are
-    used. Sums run in float64 (`_Moments`). Features never active get mean 0 and std 0.
+    used. Sums run in float64 (`moments.RunningMoments`). Features never active get mean 0 and std 0.
     """
-    moments = _Moments(sae.n_features, sae.device)
+    moments = _FeatureMoments(sae.n_features, sae.device)
     for x, _ in _limited(batches, max_tokens):
         moments.add(*sae.encode_sparse(x.to(sae.device)))
     return moments.result()
@@ -213,7 +200,7 @@ def summarize_features(sae: SparseAutoencoder, stream_with_meta, *, top_n: int =
     """`feature_stats` and `features_index` in ONE pass over the data (each vector encoded once), on at most
     `max_tokens` vectors. The index also records the dump folder (`"dump"`) when the stream has one."""
     writers, records, block = _stream_info(stream_with_meta, records, sae)
-    moments = _Moments(sae.n_features, sae.device)
+    moments = _FeatureMoments(sae.n_features, sae.device)
     top = _TopImages(sae.n_features, top_n)
     for x, meta in _limited(stream_with_meta, max_tokens):
         if meta is None:
@@ -234,21 +221,10 @@ def features_index_path(sae_path) -> str:
 
 
 def write_features_index(index: dict, path) -> Path:
-    """Write the index as JSON, atomically (temporary file in the same folder, fsync, rename)."""
+    """Write the index as JSON, atomically (`files.atomic_write_text`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(index, f, separators=(",", ":"), allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(index, separators=(",", ":"), allow_nan=False))
 
 
 def read_features_index(path, n_features: int | None = None) -> dict:

@@ -1,5 +1,5 @@
-"""`python -m sae_models train / stats / eval` on a dump of planted-dictionary data, in subprocesses
-(also under torchrun with two CPU processes)."""
+"""Training on a dump: `sae_models.pipeline.train_on_dump` in-process, and `python -m sae_models train / stats /
+eval` on a dump of planted-dictionary data in subprocesses (also under torchrun with two CPU processes)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,19 @@ import pytest
 import torch
 
 import sae_models
-from sae_models.shards import ShardWriter
+from sae_models.pipeline import train_on_dump
+from sae_models.shards import DumpFormatError, ShardWriter, iter_vectors
 
 ROOT = Path(__file__).resolve().parents[2]
 D, ATOMS, ACTIVE, ROWS_PER_IMAGE, IMAGES = 32, 48, 3, 64, 96
 
 
-def planted_dump(folder: Path, block: str = "mid.0") -> torch.Tensor:
+def planted_dump(folder: Path, block: str = "mid.0", images: int = IMAGES) -> torch.Tensor:
     """Vectors = sparse non-negative combinations of known unit atoms + small noise, as a dump."""
     g = torch.Generator().manual_seed(0)
     atoms = torch.nn.functional.normalize(torch.randn(ATOMS, D, generator=g), dim=1)
     with ShardWriter(folder, writer_id="planted", rows_per_shard=1024, dtype=torch.float32) as w:
-        for i in range(IMAGES):
+        for i in range(images):
             idx = torch.stack([torch.randperm(ATOMS, generator=g)[:ACTIVE] for _ in range(ROWS_PER_IMAGE)])
             coef = torch.rand(ROWS_PER_IMAGE, ACTIVE, generator=g) * 2 + 0.5
             x = (coef.unsqueeze(-1) * atoms[idx]).sum(1) + 0.01 * torch.randn(ROWS_PER_IMAGE, D, generator=g)
@@ -53,6 +54,44 @@ def dump(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dump")
     atoms = planted_dump(folder)
     return folder, atoms
+
+
+SMALL = dict(n_features=16, k=2, auxk=4, lr=1e-2, geometric_median_samples=64, device="cpu")
+
+
+def test_a_dump_smaller_than_a_batch_trains_in_one_batch_and_is_saved_with_its_index(tmp_path):
+    folder = tmp_path / "small"
+    planted_dump(folder, images=3)
+    train_rows = iter_vectors(folder, "mid.0", split="train", eval_fraction=0.34).n_rows
+    assert 0 < train_rows < 4096
+    logs, ckpt, out = [], tmp_path / "ckpt", tmp_path / "sae" / "small.safetensors"
+    done = train_on_dump(folder, out, eval_fraction=0.34, epochs=3, checkpoint_dir=ckpt, remove_checkpoints=True,
+                         callback=logs.append, log_every=1, **SMALL)
+    hyper = done.sae.config.hyperparameters
+    assert hyper["batch_size"] == train_rows and hyper["steps"] == 3  # one batch of everything per pass
+    assert [m["step"] for m in logs] == [1, 2, 3] and {m["total_steps"] for m in logs} == {3}
+    assert done.block == "mid.0" and done.held_out and 0 < done.metrics["n_tokens"] < 3 * ROWS_PER_IMAGE
+    saved = sae_models.load(out)
+    assert torch.equal(saved.W_dec, done.sae.W_dec) and saved.stats.n_vectors == 3 * ROWS_PER_IMAGE
+    assert done.index_path == out.with_suffix(".features.json") and done.index_path.is_file()
+    assert not ckpt.exists()  # removed once everything is written
+
+
+def test_train_on_dump_without_held_out_images_evaluates_on_the_whole_dump(dump, tmp_path):
+    folder, _ = dump
+    ckpt = tmp_path / "ckpt"
+    done = train_on_dump(folder, tmp_path / "all.safetensors", eval_fraction=0.0, statistics=False,
+                         batch_size=256, max_tokens=256 * 4, checkpoint_dir=ckpt, **SMALL)
+    assert not done.held_out and done.metrics["n_tokens"] == IMAGES * ROWS_PER_IMAGE
+    assert done.index_path is None and not (tmp_path / "all.features.json").exists()
+    assert (ckpt / sae_models.training.CHECKPOINT_NAME).is_file()  # kept: a later run may continue from it
+
+
+def test_train_on_dump_refuses_an_empty_training_split(dump, tmp_path):
+    folder, _ = dump
+    with pytest.raises(DumpFormatError, match="no complete mid.0 rows to train on"):
+        train_on_dump(folder, tmp_path / "x.safetensors", eval_fraction=1.0, **SMALL)
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_train_stats_eval_on_a_dump(dump, tmp_path):

@@ -1,4 +1,4 @@
-"""SAE training (sae_models.training) and metrics (sae_models.metrics), on CPU with small sizes.
+"""SAE training (sae_models.training), on CPU with small sizes.
 
 The paper-exact pieces are compared to formulas written here independently of the implementation.
 """
@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 from sae_models import SAEConfig, build
 from sae_models import metrics, training
-from sae_models.training import geometric_median, project_decoder_grad_, train, unit_norm_decoder_
+from sae_models.training import TrainConfig, geometric_median, project_decoder_grad_, train, unit_norm_decoder_
+from sae_models.training.distributed import global_centered_sq
+from sae_models.training.rebatcher import Rebatcher
+from sae_models.training.recipe import TrainingLoss
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,6 +158,12 @@ def _setup_step(arch="topk", B=64, d=12, n=40, k=3, auxk=8, dead=None, seed=0):
     return sae, tr, x
 
 
+def _step(sae, tr):
+    """The training forward with the options and counters of `tr` (the counters are updated in place)."""
+    return TrainingLoss(sae, auxk=tr.auxk, auxk_coef=tr.auxk_coef, mse_scale=tr.mse_scale,
+                        dead_steps_threshold=tr.dead_steps_threshold, stats_last_nonzero=tr.stats_last_nonzero)
+
+
 def _reference_loss(sae, tr, x, dead_mask):
     """The paper's loss written densely: mse_scale * MSE + auxk_coef * normalized_mse on the residual."""
     pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
@@ -180,7 +189,7 @@ def _reference_loss(sae, tr, x, dead_mask):
 def test_loss_and_sparse_gradients_match_dense_reference(arch):
     dead = torch.arange(0, 40, 3)
     sae, tr, x = _setup_step(arch, dead=dead)
-    loss, info = training._TrainStep(sae, tr)(x)
+    loss, info = _step(sae, tr)(x)
     loss.backward()
     got = {n: getattr(sae, n).grad.clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     dead_mask = info["dead"]  # those of `dead` that did not fire in this batch (counters updated first)
@@ -203,7 +212,7 @@ def test_auxk_uses_only_dead_latents():
     dead = torch.tensor([f for f in range(40) if f not in set(main.tolist())][:4])
     tr.stats_last_nonzero[dead] = 100
     tr.mse_scale = 0.0  # the AuxK term alone
-    loss, info = training._TrainStep(sae, tr)(x)
+    loss, info = _step(sae, tr)(x)
     loss.backward()
     rows = set(torch.nonzero(sae.W_dec.grad.abs().sum(-1)).flatten().tolist())
     assert rows and rows <= set(dead.tolist())
@@ -212,7 +221,7 @@ def test_auxk_uses_only_dead_latents():
     # no dead latents: AuxK is the paper's constant-in-latents term, no latent gets a gradient from it
     sae2, tr2, x2 = _setup_step(dead=None, auxk=16)
     tr2.mse_scale = 0.0
-    loss2, info2 = training._TrainStep(sae2, tr2)(x2)
+    loss2, info2 = _step(sae2, tr2)(x2)
     loss2.backward()
     assert sae2.W_dec.grad.abs().max() == 0 and sae2.W_enc.grad.abs().max() == 0
     assert sae2.b_dec.grad.abs().max() > 0  # b_dec is in aux_hat, undetached, as in the paper's code
@@ -221,7 +230,7 @@ def test_auxk_uses_only_dead_latents():
 def test_dead_latent_counters_follow_the_paper():
     sae, tr, x = _setup_step(dead=None)
     tr.dead_steps_threshold = 2
-    step = training._TrainStep(sae, tr)
+    step = _step(sae, tr)
     with torch.no_grad():
         sae.b_enc[7] = -1e3  # latent 7 never fires
     for i in range(4):
@@ -236,7 +245,7 @@ def test_normalized_mse_denominator_and_mse_scale():
     # normalized_mse(r, t) = mean((r - t)^2) / mean((t - mean_rows(t))^2): OpenAI's formula
     g = torch.Generator().manual_seed(3)
     t = torch.randn(50, 6, generator=g) * 2 + 1
-    ss, count = training._global_centered_sq(t)
+    ss, count = global_centered_sq(t)
     var_ref = sum(float(((t[:, j] - t[:, j].mean()) ** 2).sum()) for j in range(6))
     assert float(ss) == pytest.approx(var_ref, rel=1e-5) and int(count) == 50
     # mse_scale = 1 / mean squared deviation of the sample (10 batches here, as the paper)
@@ -256,6 +265,46 @@ def test_init_is_tied_and_unit_norm():
     assert W_enc.abs().max() <= 1 / math.sqrt(16)  # nn.Linear default init bound 1/sqrt(d_in)
     assert torch.allclose(W_dec.norm(dim=-1), torch.ones(48), atol=1e-6)
     assert sae.b_enc.abs().max() == 0
+
+
+def test_options_as_a_config_or_as_keywords():
+    x = torch.randn(512, 16)
+    opts = dict(n_features=48, k=3, batch_size=64, max_tokens=64 * 2, geometric_median_samples=256, seed=5,
+                device="cpu")
+    config = TrainConfig(**opts)
+    from_config = train([x], config)
+    assert torch.equal(from_config.W_dec, train([x], **opts).W_dec)
+    reseeded = train([x], config, seed=6)  # keywords override the config
+    assert reseeded.config.hyperparameters["seed"] == 6 and not torch.equal(reseeded.W_dec, from_config.W_dec)
+    with pytest.raises(ValueError, match="architecture must be 'topk' or 'batchtopk'"):
+        TrainConfig(architecture="relu")
+    with pytest.raises(ValueError, match="1 <= k <= n_features"):
+        train([x], k=0)
+    with pytest.raises(TypeError):
+        train([x], n_feature=48)
+
+
+def test_rebatcher_hands_out_fixed_batches_and_resumes_exactly():
+    x = torch.arange(50 * 3, dtype=torch.float32).reshape(50, 3)
+    chunks = [x[:7], x[7:7], x[7:30], x[30:]]
+    data = Rebatcher(chunks, "cpu", torch.float32)
+    assert data.start() == 3
+    assert torch.equal(data.peek(5), x[:5])  # peeking hands nothing out
+    assert data.fill(16) and torch.equal(data.take(16), x[:16])
+    state = data.state()
+    assert state["rows_consumed"] == 30 and torch.equal(state["pending"], x[16:30])
+    resumed = Rebatcher(chunks, "cpu", torch.float32)
+    resumed.resume(state, d_in=3)  # a source without state: the 30 rows pulled are skipped
+    batches = []
+    while resumed.fill(16):
+        batches.append(resumed.take(16))
+    assert torch.equal(torch.cat(batches), x[16:48])  # the 2 rows left are no full batch
+    with pytest.raises(ValueError, match="yielded no data"):
+        Rebatcher([torch.zeros(0, 3)], "cpu", torch.float32).start()
+    mixed = Rebatcher([x[:4], torch.zeros(4, 5)], "cpu", torch.float32)
+    mixed.start()
+    with pytest.raises(ValueError, match=r"must be \[n, 3\]"):
+        mixed.fill(8)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,6 +349,7 @@ def test_resume_matches_uninterrupted(tmp_path, stateful):
     src = Resumable(x) if stateful else list(x.split(100))
     with pytest.raises(Interrupt):
         train(src, checkpoint_dir=tmp_path, checkpoint_every=20, callback=stop_at_21, log_every=1, **opts)
+    assert [p.name for p in tmp_path.iterdir()] == [training.CHECKPOINT_NAME]  # no temporary file left
     ck = torch.load(tmp_path / training.CHECKPOINT_NAME, weights_only=True)
     assert ck["step"] == 20 and ck["tokens"] == 20 * 64
     src = Resumable(x) if stateful else list(x.split(100))
@@ -307,39 +357,3 @@ def test_resume_matches_uninterrupted(tmp_path, stateful):
     assert resumed.config.hyperparameters["steps"] == full.config.hyperparameters["steps"] == 40
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.allclose(getattr(resumed, name), getattr(full, name), atol=1e-6, rtol=0), name
-
-
-# ---------------------------------------------------------------------------------------------------
-# metrics
-# ---------------------------------------------------------------------------------------------------
-
-
-def test_fvu_against_independent_formula():
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(200, 7, generator=g) * torch.arange(1, 8) + 5
-    x_hat = x + 0.3 * torch.randn(200, 7, generator=g)
-    num = sum(float((x[i, j] - x_hat[i, j]) ** 2) for i in range(200) for j in range(7))
-    means = [sum(float(x[i, j]) for i in range(200)) / 200 for j in range(7)]
-    den = sum((float(x[i, j]) - means[j]) ** 2 for i in range(200) for j in range(7))
-    assert float(metrics.fvu(x, x_hat)) == pytest.approx(num / den, rel=1e-9)
-    assert float(metrics.fvu(x, x.mean(0).expand_as(x))) == pytest.approx(1.0)
-    codes = torch.tensor([[0.0, 1, 0, 2], [0, 0, 0, 3]])
-    assert float(metrics.l0(codes)) == 1.5 and float(metrics.dead_fraction(codes)) == 0.5
-
-
-def test_evaluate_accumulates_exactly():
-    sae, _, _ = _setup_step(d=12, n=40)
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(333, 12, generator=g) * 2 + torch.linspace(-3, 3, 12)
-    whole = metrics.evaluate(sae, [x])
-    parts = metrics.evaluate(sae, list(x.split(50)))  # per-batch means differ: must not average FVUs
-    with torch.no_grad():
-        x_hat = sae(x)
-        codes = sae.encode(x)
-    assert whole["fvu"] == pytest.approx(float(metrics.fvu(x, x_hat)), rel=1e-6)
-    assert parts["fvu"] == pytest.approx(whole["fvu"], rel=1e-9)
-    assert parts["mse"] == pytest.approx(float(((x - x_hat) ** 2).mean()), rel=1e-5)
-    assert parts["l0"] == pytest.approx(float(metrics.l0(codes)))
-    assert parts["dead_fraction"] == pytest.approx(float(metrics.dead_fraction(codes)))
-    assert parts["n_tokens"] == 333
-    assert metrics.evaluate(sae, list(x.split(50)), max_tokens=120)["n_tokens"] == 120

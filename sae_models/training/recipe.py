@@ -1,0 +1,190 @@
+"""Training the paper's TopK SAE (and BatchTopK) on activation vectors.
+
+The recipe is the one of the paper's training code (Surkov et al., "Unpacking SDXL Turbo", github
+surkovv/sdxl-unbox, `scripts/train_sae.py` and `SAE/sae.py`), which is adapted from OpenAI's
+sparse_autoencoder `train.py` (Gao et al. 2024). Facts of that code followed here:
+
+* Inputs are not normalised (the paper trains on raw block updates; no layer norm, no scaling).
+* Init: the encoder is an `nn.Linear(d_in, n_features)` with PyTorch's default init, i.e. entries uniform
+  in `[-1/sqrt(d_in), 1/sqrt(d_in)]`; the decoder is tied to it (`W_dec = W_enc` row for row) and then its
+  rows are scaled to unit norm, the encoder keeping its unnormalised scale. `b_enc` (`latent_bias`) = 0.
+  `b_dec` (`pre_bias`) = geometric median of a sample of the data: the first 32768 vectors, Weiszfeld
+  iterations started at the mean, weights `1 / max(||p - m||, 1e-6)`, at most 100 iterations, stop when
+  the objective improves by no more than `1e-20` times its value (`geometric_median`). The paper's
+  script does not rescale the encoder from data (OpenAI's `init_from_data_` does; the paper's only sets
+  `pre_bias`).
+* Loss: `mse_scale * mean((x_hat - x)^2) + auxk_coef * normalized_mse(aux_hat, x - x_hat.detach() +
+  b_dec.detach())`. `mse_scale` = 1 / mean squared deviation of a data sample from its per-dimension
+  mean, computed ONCE before training from 10 batches (`10 * batch_size` vectors); the per-batch
+  `normalized_mse(r, t) = mean((r - t)^2) / mean((t - mean_over_batch(t))^2)` is used only for the AuxK
+  term ("only used for auxk" in both codes), with `nan_to_num(0)`. `aux_hat` is the sparse decode of the
+  AuxK latents PLUS `b_dec` (not detached), so `b_dec` also gets a gradient from the AuxK term, as there.
+* AuxK: the top `auxk` (256) entries of the pre-activations multiplied by the dead mask (live latents
+  become 0), then ReLU; only dead latents with a positive pre-activation contribute. A latent is dead
+  when it has not fired for more than `dead_toks_threshold // batch_size` steps (10M tokens = 2441 steps
+  at batch 4096); it fires in a step when it is among a vector's top k with pre-activation > 1e-3. The
+  counters are updated before the AuxK selection of the same step.
+* Step order: backward; decoder rows scaled to unit norm (in place, on the weights the gradient was
+  computed at); the gradient component parallel to each (now unit) decoder row projected out; Adam
+  (lr 1e-4, eps 6.25e-10, no weight decay) step. So the returned decoder rows are unit-norm up to the
+  last Adam step (|norm - 1| <= about lr * sqrt(d_in)). No gradient clipping, no EMA, no LR schedule,
+  fp32 (OpenAI's defaults `clip_grad=None`, `ema_multiplier=None`; the paper's script has neither).
+* Data: fixed-size batches of `batch_size`, the last incomplete one dropped (OpenAI's `batch_tensors`,
+  `drop_last=True`). Difference: the paper's script takes its 10 statistics batches from the stream and
+  does not train on them; here the sample vectors are trained on as well.
+
+BatchTopK (Bussmann, Leask & Nanda 2024, arXiv 2412.06410): the same loop with the batch-level top
+`k * batch` of `ReLU(pre)` (`BatchTopKSAE.batch_activation`) instead of per-vector top k. As in that paper,
+the inference threshold is the average over batches of the minimum positive activation kept by the batch
+top-k: here the mean over the last `threshold_batches` training steps, written into `sae.threshold`
+after each step and at the end.
+
+Distributed (`torch.distributed` initialised, e.g. under torchrun): the model is wrapped in
+`DistributedDataParallel` (gradients averaged); each rank reads its own rank-disjoint `batches` with
+`batch_size` rows per step, so a step sees `batch_size * world_size` vectors. The fired-latent counts are
+all-reduced before the dead-latent counters are updated, so every rank holds the dead set of the global
+batch; the AuxK normalized-MSE denominator uses the global batch mean and variance; the geometric median
+and `mse_scale` are computed on the samples gathered from all ranks. With these, 2 ranks with batch B
+follow the same trajectory as 1 process with batch 2B (up to float rounding). All ranks stop when any
+rank runs out of data. BatchTopK selects within each rank's batch. Only rank 0 writes checkpoints (with
+every rank's data-iterator state) and calls `callback`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed
+from .sparse_ops import encoder_values, sparse_decode
+
+FIRE_THRESHOLD = 1e-3  # a top-k pre-activation above this counts as firing (paper's `vals > 1e-3`)
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, eps: float = 1e-6, maxiter: int = 100, ftol: float = 1e-20):
+    """Weiszfeld's algorithm as in the paper's `compute_geometric_median` (unit weights): start at the mean;
+    repeat `m <- sum_i w_i p_i / sum_i w_i` with `w_i = 1 / max(||p_i - m||, eps)`; stop after `maxiter`
+    iterations or when the objective `sum_i ||p_i - m||` improves by no more than `ftol` times its value."""
+    points = points.float()
+    median = points.mean(0)
+    objective = (points - median).norm(dim=1).sum()
+    for _ in range(maxiter):
+        prev = objective
+        w = 1.0 / (points - median).norm(dim=1).clamp_min(eps)
+        median = (points * (w / w.sum())[:, None]).sum(0)
+        objective = (points - median).norm(dim=1).sum()
+        if abs(float(prev - objective)) <= ftol * float(objective):
+            break
+    return median
+
+
+def data_mse_scale(sample: torch.Tensor) -> float:
+    """`1 / mean squared deviation of the sample from its per-dimension mean`: the fixed MSE scale."""
+    return 1.0 / float((sample - sample.mean(0)).pow(2).mean())
+
+
+@torch.no_grad()
+def init_tied_(sae, b_pre: torch.Tensor, seed: int) -> None:
+    """The paper's init, in place: encoder uniform in `[-1/sqrt(d_in), 1/sqrt(d_in)]` (nn.Linear's default,
+    drawn from a generator seeded with `seed`), decoder tied to it then unit-norm rows, `b_enc` 0,
+    `b_dec = b_pre`."""
+    n, d = sae.W_enc.shape
+    gen = torch.Generator().manual_seed(seed)
+    W = (torch.rand(n, d, generator=gen, dtype=torch.float32) * 2 - 1) * (1.0 / math.sqrt(d))
+    sae.W_enc.copy_(W)
+    sae.W_dec.copy_(W)
+    unit_norm_decoder_(sae.W_dec)
+    sae.b_enc.zero_()
+    sae.b_dec.copy_(b_pre)
+
+
+@torch.no_grad()
+def unit_norm_decoder_(W_dec: torch.Tensor) -> None:
+    """Scale each decoder row (feature direction) to unit norm, in place."""
+    W_dec.div_(W_dec.norm(dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def project_decoder_grad_(W_dec: torch.Tensor, grad: torch.Tensor) -> None:
+    """Remove from `grad` its component parallel to each (unit-norm) row of `W_dec`, in place:
+    `g_f <- g_f - <W_f, g_f> W_f`."""
+    grad.sub_((W_dec * grad).sum(-1, keepdim=True) * W_dec)
+
+
+class TrainingLoss(nn.Module):
+    """The forward half of a training step: the latent selection (top k per vector, or the batch top k of
+    BatchTopK), the dead-latent counters and the AuxK selection, and the loss. A module so that
+    DistributedDataParallel can wrap it.
+
+    `stats_last_nonzero[f]` counts the steps since latent f last fired (updated in place by each forward);
+    after a BatchTopK forward, `batch_min` is the smallest activation the batch top k kept."""
+
+    def __init__(self, sae, *, auxk: int | None, auxk_coef: float, mse_scale: float, dead_steps_threshold: int,
+                 stats_last_nonzero: torch.Tensor):
+        super().__init__()
+        self.sae = sae
+        self.auxk, self.auxk_coef, self.mse_scale = auxk, auxk_coef, mse_scale
+        self.dead_steps_threshold = dead_steps_threshold
+        self.stats_last_nonzero = stats_last_nonzero
+        self.batch_min = None
+
+    @torch.no_grad()
+    def _select(self, pre: torch.Tensor):
+        """The kept (row, latent, pre-activation) triples, rows ascending."""
+        sae, B = self.sae, pre.shape[0]
+        if sae.architecture == "topk":
+            v, i = pre.topk(sae.config.k, dim=-1)
+            rows = torch.arange(B, device=pre.device).repeat_interleave(sae.config.k)
+            return rows, i.reshape(-1), v.reshape(-1)
+        flat, v = sae.batch_activation(pre, sparse=True)
+        self.batch_min = v.min() if v.numel() else v.new_zeros(())
+        return flat // sae.n_features, flat % sae.n_features, v
+
+    @torch.no_grad()
+    def _dead(self, latents: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Count this step's firing latents (over all ranks) into the counters; the dead mask after it."""
+        fired = torch.zeros(self.sae.n_features, dtype=torch.long, device=values.device)
+        fired.index_add_(0, latents, (values > FIRE_THRESHOLD).long())
+        distributed.all_reduce(fired)
+        self.stats_last_nonzero.mul_((fired == 0).long()).add_(1)
+        return self.stats_last_nonzero > self.dead_steps_threshold
+
+    @torch.no_grad()
+    def _select_auxk(self, pre: torch.Tensor, dead: torch.Tensor):
+        """The top `auxk` pre-activations of the dead latents per vector, positive ones only (the ReLU)."""
+        if not self.auxk or not bool(dead.any()):
+            none = torch.zeros(0, dtype=torch.long, device=pre.device)
+            return none, none, pre.new_zeros(0)
+        av, ai = (pre * dead).topk(min(self.auxk, self.sae.n_features), dim=-1)
+        arows = torch.arange(pre.shape[0], device=pre.device)[:, None].expand_as(ai)
+        keep = av > 0  # the zeros (live latents, negative dead ones) contribute nothing
+        return arows[keep], ai[keep], av[keep]
+
+    def forward(self, x: torch.Tensor):
+        sae, B = self.sae, x.shape[0]
+        with torch.no_grad():
+            pre = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc)
+            rows, i, v = self._select(pre)
+            dead = self._dead(i, v)
+            arows, ai, av = self._select_auxk(pre, dead)
+            del pre
+        vals = encoder_values(torch.cat([v, av]), x, sae.W_enc, sae.b_enc, sae.b_dec,
+                              torch.cat([rows, arows]), torch.cat([i, ai]))
+        main_v, aux_v = vals[: v.numel()].relu(), vals[v.numel() :].relu()
+        x_hat = sparse_decode(main_v, sae.W_dec, rows, i, B) + sae.b_dec
+        mse = (x_hat - x).pow(2).mean()
+        loss = self.mse_scale * mse
+        aux_loss = x.new_zeros(())
+        if self.auxk:
+            aux_hat = sparse_decode(aux_v, sae.W_dec, arows, ai, B) + sae.b_dec
+            target = x - x_hat.detach() + sae.b_dec.detach()
+            ss, count = distributed.global_centered_sq(target)
+            denom = ss / (count * x.shape[1])
+            aux_loss = self.auxk_coef * ((aux_hat - target).pow(2).mean() / denom).nan_to_num(0)
+            loss = loss + aux_loss
+        return loss, {"mse": mse.detach(), "aux_loss": aux_loss.detach(), "x_hat": x_hat.detach(),
+                      "n_active": v.numel(), "dead": dead}

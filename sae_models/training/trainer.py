@@ -1,0 +1,270 @@
+"""The training loop: a `Trainer` started from the data or resumed from a checkpoint, and `train`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import metrics
+from ..architectures import SparseAutoencoder, build
+from ..files import atomic_target
+from ..metadata import SAEConfig
+from . import distributed
+from .config import TrainConfig
+from .rebatcher import Rebatcher
+from .recipe import (
+    TrainingLoss,
+    data_mse_scale,
+    geometric_median,
+    init_tied_,
+    project_decoder_grad_,
+    unit_norm_decoder_,
+)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "comfyui-sae-training-checkpoint"
+TRAINER_NAME = "sae_models.training (Surkov et al. sdxl-unbox / OpenAI TopK recipe)"
+
+
+def train(batches: Iterable[torch.Tensor], config: TrainConfig | None = None, *,
+          eval_batches: Iterable[torch.Tensor] | None = None, callback: Callable[[dict], Any] | None = None,
+          **options) -> SparseAutoencoder:
+    """Train a TopK (or BatchTopK) SAE on `batches`, any iterable of `[n, d_in]` float tensors (any `n`;
+    rows are re-batched to `batch_size`, the incomplete last batch dropped), following the paper's recipe
+    (`sae_models.training.recipe`). `config` and/or `options` (the fields of `TrainConfig`, e.g.
+    `n_features=5120, k=10`) set the options.
+
+    - `eval_batches`: re-iterable data evaluated with `metrics.evaluate` every `eval_every` steps and at the
+      end; the final result is stored in `config.hyperparameters["final_eval"]`.
+    - `callback(dict)`: every `log_every` steps with `step, tokens, loss, mse, auxk_loss, fvu, l0,
+      dead_fraction, tokens_per_s`; after an evaluation with `step, tokens, eval` (the metrics dict).
+    """
+    config = dataclasses.replace(config, **options) if config is not None else TrainConfig(**options)
+    return Trainer(batches, config, eval_batches=eval_batches, callback=callback).fit()
+
+
+class Trainer:
+    """One training run: set up from the first rows of the data, or from the checkpoint in
+    `config.checkpoint_dir` when there is one (and `config.resume`); then `fit()`."""
+
+    def __init__(self, batches: Iterable[torch.Tensor], config: TrainConfig, *,
+                 eval_batches: Iterable[torch.Tensor] | None = None, callback: Callable[[dict], Any] | None = None):
+        if isinstance(batches, torch.Tensor):
+            batches = [batches]
+        self.cfg, self.eval_batches, self.callback = config, eval_batches, callback
+        self.device = distributed.default_device(config.device)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.global_batch = config.batch_size * self.world
+        self.dead_steps_threshold = config.dead_toks_threshold // self.global_batch
+        self.ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir is not None else None
+        self.data = Rebatcher(batches, self.device, config.dtype)
+
+        ckpt = self._read_checkpoint()
+        if ckpt is None:
+            self._init_from_data()
+        else:
+            self._resume(ckpt)
+        params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
+        self.opt = torch.optim.Adam(params, lr=config.lr, eps=config.eps, fused=self.device.type == "cuda")
+        if ckpt is not None:
+            self.opt.load_state_dict(ckpt["optimizer"])
+        self.loss = TrainingLoss(self.sae, auxk=config.auxk, auxk_coef=config.auxk_coef, mse_scale=self.mse_scale,
+                                 dead_steps_threshold=self.dead_steps_threshold,
+                                 stats_last_nonzero=self.stats_last_nonzero)
+        self.model = distributed.wrap(self.loss, self.device)
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _new_sae(self, d_in: int) -> SparseAutoencoder:
+        c = self.cfg
+        config = SAEConfig(architecture=c.architecture, d_in=d_in, n_features=c.n_features, k=c.k, block=c.block,
+                           base_model=c.base_model, hook=c.hook, source_format="native")
+        return build(config, dtype=c.dtype).to(self.device)
+
+    def _init_from_data(self) -> None:
+        """b_dec from the geometric median and the MSE scale from the variance of the first rows (gathered
+        over the ranks), the tied init; every rank starts from rank 0's weights."""
+        c = self.cfg
+        self.sae = self._new_sae(self.data.start())
+        per_rank_gm = math.ceil(c.geometric_median_samples / self.world)
+        per_rank_var = c.mse_scale_batches * c.batch_size
+        sample = self.data.peek(max(per_rank_gm, per_rank_var))
+        gm_sample = distributed.gather_rows(sample[:per_rank_gm]).float()
+        var_sample = distributed.gather_rows(sample[:per_rank_var]).float()
+        del sample
+        mse_scale = torch.tensor([data_mse_scale(var_sample)], dtype=torch.float64, device=self.device)
+        init_tied_(self.sae, geometric_median(gm_sample.cpu()).to(self.device), c.seed)
+        # identical start on every rank (DDP also broadcasts rank 0's parameters)
+        distributed.broadcast_(self.sae.W_enc.data, self.sae.W_dec.data, self.sae.b_dec.data, mse_scale)
+        self.mse_scale = float(mse_scale)
+        self.stats_last_nonzero = torch.zeros(c.n_features, dtype=torch.long, device=self.device)
+        self.step, self.tokens = 0, 0
+        self.threshold_window: list[float] = []
+
+    def _read_checkpoint(self) -> dict | None:
+        """The checkpoint to resume from, checked against this run; None for a fresh start."""
+        path, c = self.ckpt_path, self.cfg
+        if path is None or not c.resume or not path.exists():
+            return None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt["world_size"] != self.world:
+            raise ValueError(f"{path} was written by {ckpt['world_size']} ranks, this run has {self.world}")
+        saved = json.loads(ckpt["config"])
+        asked = {"architecture": c.architecture, "n_features": c.n_features, "k": c.k}
+        differ = {key: (saved.get(key), v) for key, v in asked.items() if saved.get(key) != v}
+        if differ:
+            raise ValueError(f"{path} is a checkpoint of another SAE ("
+                             + ", ".join(f"{key} {a} there, {b} here" for key, (a, b) in differ.items())
+                             + "); remove it or use another checkpoint folder")
+        return ckpt
+
+    def _resume(self, ckpt: dict) -> None:
+        """Model, counters, data position and RNG as the checkpoint left them."""
+        mine = ckpt["ranks"][self.rank]
+        config = SAEConfig.from_dict(json.loads(ckpt["config"]))
+        self.data.resume(mine, config.d_in)
+        self.sae = build(config, dtype=self.cfg.dtype).to(self.device)
+        with torch.no_grad():
+            for name, t in ckpt["model"].items():
+                getattr(self.sae, name).copy_(t)
+        self.mse_scale = ckpt["mse_scale"]
+        self.stats_last_nonzero = ckpt["stats_last_nonzero"].to(self.device)
+        self.step, self.tokens = ckpt["step"], ckpt["tokens"]
+        self.threshold_window = [float(w) for w in ckpt["threshold_window"]]
+        torch.set_rng_state(mine["rng"])
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> SparseAutoencoder:
+        """Train until `max_tokens` or until any rank's data ends; the SAE, in eval mode, with its
+        hyperparameters (and the final evaluation) in its config."""
+        c = self.cfg
+        self._t0, self._tokens0 = time.perf_counter(), self.tokens
+        while c.max_tokens is None or self.tokens < c.max_tokens:
+            ok = torch.tensor([1 if self.data.fill(c.batch_size) else 0], device=self.device)
+            if not int(distributed.all_reduce(ok, "min")):
+                break
+            x = self.data.take(c.batch_size)
+            loss, info = self.train_step(x)
+            if c.log_every and self.step % c.log_every == 0:
+                self.log(x, loss, info)
+            if self.eval_batches is not None and c.eval_every and self.step % c.eval_every == 0:
+                self.evaluate()
+            if self.ckpt_path is not None and c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                self.save_checkpoint()
+        self._set_threshold()
+        if self.ckpt_path is not None:
+            self.save_checkpoint()
+        hyper = self.hyperparameters()
+        if self.eval_batches is not None:
+            hyper["final_eval"] = distributed.broadcast_object(self.evaluate())
+        self.sae.config.hyperparameters = hyper
+        self.sae.train(False)
+        return self.sae
+
+    def train_step(self, x: torch.Tensor):
+        """One step in the recipe's order: loss and backward; decoder rows to unit norm; their parallel
+        gradient component removed; Adam. Then BatchTopK's threshold window."""
+        self.opt.zero_grad(set_to_none=True)
+        loss, info = self.model(x)
+        loss.backward()
+        unit_norm_decoder_(self.sae.W_dec.data)
+        project_decoder_grad_(self.sae.W_dec.data, self.sae.W_dec.grad)
+        self.opt.step()
+        self.step += 1
+        self.tokens += self.global_batch
+        if self.cfg.architecture == "batchtopk":
+            batch_min = distributed.all_reduce(self.loss.batch_min.reshape(1).double())
+            self.threshold_window.append(float(batch_min) / self.world)
+            self.threshold_window = self.threshold_window[-self.cfg.threshold_batches:]
+            self._set_threshold()
+        return loss, info
+
+    def _set_threshold(self) -> None:
+        """BatchTopK's inference threshold: the mean of the window of batch minima."""
+        if self.cfg.architecture == "batchtopk" and self.threshold_window:
+            with torch.no_grad():
+                self.sae.threshold.fill_(sum(self.threshold_window) / len(self.threshold_window))
+
+    def log(self, x: torch.Tensor, loss: torch.Tensor, info: dict) -> None:
+        """The step's metrics over the global batch, to `callback` on rank 0."""
+        with torch.no_grad():
+            sq = (x - info["x_hat"]).double().pow(2).sum().reshape(1)
+            ss, _ = distributed.global_centered_sq(x.double())
+            stats = torch.cat([sq, ss.reshape(1), loss.detach().double().reshape(1),
+                               info["mse"].double().reshape(1), info["aux_loss"].double().reshape(1),
+                               torch.tensor([float(info["n_active"])], dtype=torch.float64, device=self.device)])
+            distributed.all_reduce(stats)
+        if self.rank != 0 or self.callback is None:
+            return
+        elapsed = time.perf_counter() - self._t0
+        self.callback({
+            "step": self.step, "tokens": self.tokens,
+            "loss": float(stats[2]) / self.world, "mse": float(stats[3]) / self.world,
+            "auxk_loss": float(stats[4]) / self.world, "fvu": float(stats[0] / stats[1]),
+            "l0": float(stats[5]) / self.global_batch,
+            "dead_fraction": float(info["dead"].double().mean()),
+            "tokens_per_s": (self.tokens - self._tokens0) / elapsed if elapsed > 0 else float("nan"),
+        })
+
+    def evaluate(self) -> dict | None:
+        """`metrics.evaluate` on `eval_batches`, on rank 0 (None elsewhere); reported to `callback`."""
+        if self.rank != 0:
+            return None
+        was = self.sae.training
+        self.sae.eval()
+        result = metrics.evaluate(self.sae, self.eval_batches)
+        self.sae.train(was)
+        if self.callback is not None:
+            self.callback({"step": self.step, "tokens": self.tokens, "eval": result})
+        return result
+
+    # -- checkpoints and provenance ------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes everything `_resume` needs, every rank's data position included (atomically)."""
+        mine = {**self.data.state(), "rng": torch.get_rng_state()}
+        ranks = distributed.all_gather_objects(mine)
+        if self.rank == 0:
+            sae = self.sae
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "version": 1,
+                "config": json.dumps(sae.config.to_dict()),
+                "model": {n: getattr(sae, n).detach().cpu()
+                          for n in ("W_enc", "b_enc", "W_dec", "b_dec", *sae.extra_tensors)},
+                "optimizer": self.opt.state_dict(),
+                "step": self.step,
+                "tokens": self.tokens,
+                "mse_scale": self.mse_scale,
+                "stats_last_nonzero": self.stats_last_nonzero.cpu(),
+                "threshold_window": torch.tensor(self.threshold_window, dtype=torch.float64),
+                "world_size": self.world,
+                "ranks": ranks,
+            }
+            self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_target(self.ckpt_path) as tmp:
+                torch.save(state, tmp)
+        distributed.barrier()
+
+    def hyperparameters(self) -> dict:
+        """What the SAE file records about its training."""
+        c = self.cfg
+        hyper = {
+            "trainer": TRAINER_NAME,
+            "architecture": c.architecture, "n_features": c.n_features, "k": c.k, "auxk": c.auxk,
+            "auxk_coef": c.auxk_coef, "dead_toks_threshold": c.dead_toks_threshold,
+            "dead_steps_threshold": self.dead_steps_threshold, "batch_size": c.batch_size, "world_size": self.world,
+            "global_batch_size": self.global_batch, "lr": c.lr, "eps": c.eps, "optimizer": "Adam",
+            "geometric_median_samples": c.geometric_median_samples, "mse_scale_batches": c.mse_scale_batches,
+            "mse_scale": self.mse_scale, "seed": c.seed, "dtype": str(c.dtype), "max_tokens": c.max_tokens,
+        }
+        if c.architecture == "batchtopk":
+            hyper["threshold_batches"] = c.threshold_batches
+        hyper.update({"steps": self.step, "tokens": self.tokens,
+                      "dead_fraction": float((self.stats_last_nonzero > self.dead_steps_threshold).double().mean())})
+        return hyper
