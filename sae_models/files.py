@@ -81,3 +81,18 @@ def atomic_write_bytes(path, data: bytes, *, replace: bool = True) -> Path:
 def atomic_write_text(path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_lines(path, text: str) -> None:
+    """Append `text` (whole lines) to `path`, flush and fsync; start on a fresh line if the file does not end
+    with one (a line cut short by a crash stays alone, for readers to skip)."""
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                text = "\n" + text
+            f.seek(0, os.SEEK_END)
+        f.write(text.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,15 +1,19 @@
-"""Helpers shared by the readers: safe file opening and building an SAE from named tensors with checks."""
+"""Helpers shared by the readers: safe file opening, config values, the block an SAE reads, and building an
+SAE from named tensors with checks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..architectures import SparseAutoencoder, build
+from ..blocks import block_from_text
 from ..errors import SAEFormatError, UnsafePickleError
 from ..metadata import FeatureStats, SAEConfig
 
@@ -48,22 +52,71 @@ def load_pickle(path: Path):
         raise SAEFormatError(path, f"corrupt or truncated file ({msg})") from None
 
 
-def load_safetensors(path: Path, select=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of a safetensors file (those whose name `select(name)` accepts, default all) and its
-    metadata, with clear errors for bad files."""
-    from safetensors import safe_open
-    from safetensors import SafetensorError
+@contextlib.contextmanager
+def open_safetensors(path, *, error=SAEFormatError, missing: str = "file not found",
+                     corrupt: str = "corrupt or truncated safetensors file") -> Iterator:
+    """`safe_open(path)` on the CPU. A missing file raises `error(path, missing)`; a corrupt or truncated one
+    (also when a tensor is read inside the block) `error(path, f"{corrupt} (<first line of the cause>)")`."""
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys() if select is None or select(k)}
+            yield f
     except FileNotFoundError:
-        raise SAEFormatError(path, "file not found") from None
+        raise error(path, missing) from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SAEFormatError(path, f"corrupt or truncated safetensors file ({msg})") from None
+        raise error(path, f"{corrupt} ({msg})") from None
+
+
+def load_safetensors(path: Path, select=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file (those whose name `select(name)` accepts, default all) and its
+    metadata, with clear errors for bad files."""
+    with open_safetensors(path) as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if select is None or select(k)}
     return tensors, meta
+
+
+def positive_int(cfg_path, cfg: dict, key: str, prefix: str = "") -> int:
+    """`cfg[key]`, which must be a positive integer (an integral float is accepted); the messages name the
+    key as `prefix + key` (e.g. 'trainer.dict_size')."""
+    name = prefix + key
+    if cfg.get(key) is None:
+        raise SAEFormatError(cfg_path, f"missing config key {name!r}")
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < 1:
+        raise SAEFormatError(cfg_path, f"config key {name!r} must be a positive integer, not {v!r}")
+    return int(v)
+
+
+def sae_folder(path) -> Path:
+    """The folder of a library's SAE, given the folder or one of its files."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def block_of(folder: Path, hint=None) -> str | None:
+    """The short name of the block an SAE reads: the one named in `hint` (e.g. the hook name in its config)
+    when that is a string naming one, else the one named in the path of its folder; None if neither does."""
+    block = block_from_text(hint) if isinstance(hint, str) else None
+    block = block or block_from_text(str(Path(folder).resolve()))
+    return block.short if block else None
+
+
+def reader_config(source_format: str, folder: Path, *, block_hint=None, base_model=None, hyperparameters: dict,
+                  **fields) -> SAEConfig:
+    """The SAEConfig of an SAE read from a library's folder: `fields` (architecture, sizes, ...), the block
+    (`block_of(folder, block_hint)`), the hook 'update' (the block's output minus its input), `base_model` when
+    it is a string, and the hyperparameters as plain JSON values."""
+    return SAEConfig(
+        block=block_of(folder, block_hint),
+        base_model=base_model if isinstance(base_model, str) else None,
+        hook="update",
+        source_format=source_format,
+        hyperparameters=json.loads(json.dumps(hyperparameters, default=str)),
+        **fields,
+    )
 
 
 def require(path, tensors: dict, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:

@@ -25,16 +25,11 @@ final `ae.pt`, so the file works on raw activations. An `ae.pt` written as a mid
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from ..architectures import SparseAutoencoder
-from ..blocks import block_from_text
 from ..errors import SAEFormatError
-from ..metadata import SAEConfig
-from .common import assemble, load_pickle, read_json, require
+from .common import assemble, load_pickle, positive_int, read_json, reader_config, require, sae_folder
 
 NAME = "dictionary_learning"
 CFG_FILE = "config.json"
@@ -56,15 +51,6 @@ _KEEP = (
 )
 
 
-def _positive_int(cfg_path, trainer: dict, key: str) -> int:
-    if key not in trainer or trainer[key] is None:
-        raise SAEFormatError(cfg_path, f"missing config key 'trainer.{key}'")
-    v = trainer[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < 1:
-        raise SAEFormatError(cfg_path, f"config key 'trainer.{key}' must be a positive integer, not {v!r}")
-    return int(v)
-
-
 def _k(cfg_path, sd_path, trainer: dict, sd: dict) -> int:
     """k from the config and/or the state dict's `k` buffer; both must agree when both are present."""
     k_sd = None
@@ -77,7 +63,7 @@ def _k(cfg_path, sd_path, trainer: dict, sd: dict) -> int:
         if k_sd is None:
             raise SAEFormatError(cfg_path, "missing config key 'trainer.k' (and no 'k' tensor in ae.pt)")
         return k_sd
-    k = _positive_int(cfg_path, trainer, "k")
+    k = positive_int(cfg_path, trainer, "k", prefix="trainer.")
     if k_sd is not None and k_sd != k:
         raise SAEFormatError(sd_path, f"tensor 'k' is {k_sd} but config.json says trainer.k={k}")
     return k
@@ -118,16 +104,14 @@ def _dict_class(cfg_path, trainer: dict, sd: dict) -> str:
 
 
 def load(path) -> SparseAutoencoder:
-    folder = Path(path)
-    if folder.is_file():
-        folder = folder.parent
+    folder = sae_folder(path)
     cfg_path, sd_path = folder / CFG_FILE, folder / WEIGHTS_FILE
     cfg = read_json(cfg_path)
     trainer = cfg.get("trainer")
     if not isinstance(trainer, dict):
         raise SAEFormatError(cfg_path, "missing config key 'trainer' (an object describing the dictionary)")
-    d = _positive_int(cfg_path, trainer, "activation_dim")
-    n = _positive_int(cfg_path, trainer, "dict_size")
+    d = positive_int(cfg_path, trainer, "activation_dim", prefix="trainer.")
+    n = positive_int(cfg_path, trainer, "dict_size", prefix="trainer.")
 
     sd = load_pickle(sd_path)
     if not isinstance(sd, dict):
@@ -198,23 +182,9 @@ def load(path) -> SparseAutoencoder:
         threshold = require(sd_path, sd, "threshold", (n,))
         apply_b_dec = False
 
-    where = trainer.get("submodule_name")
-    block = block_from_text(where) if isinstance(where, str) else None
-    if block is None:
-        block = block_from_text(str(folder.resolve()))
-    lm = trainer.get("lm_name")
-    config = SAEConfig(
-        architecture=arch,
-        d_in=d,
-        n_features=n,
-        k=k,
-        apply_b_dec_to_input=apply_b_dec,
-        block=block.short if block else None,
-        base_model=lm if isinstance(lm, str) else None,
-        hook="update",
-        source_format=NAME,
-        hyperparameters=json.loads(json.dumps(hyper, default=str)),
-    )
+    config = reader_config(NAME, folder, block_hint=trainer.get("submodule_name"), base_model=trainer.get("lm_name"),
+                           hyperparameters=hyper, architecture=arch, d_in=d, n_features=n, k=k,
+                           apply_b_dec_to_input=apply_b_dec)
     return assemble(
         sd_path, config, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold
     )

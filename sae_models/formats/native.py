@@ -9,12 +9,11 @@ Metadata (safetensors header, strings): `format` = `comfyui-sae`, `format_versio
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from ..architectures import SparseAutoencoder
 from ..errors import SAEFormatError
+from ..files import atomic_target
 from ..metadata import STAT_NAMES, FeatureStats, SAEConfig
 from .common import assemble, check_stats, load_safetensors, require
 
@@ -51,15 +50,8 @@ def save(sae: SparseAutoencoder, path) -> Path:
     if sae.stats.n_vectors is not None:
         meta["stats_n_vectors"] = str(int(sae.stats.n_vectors))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..architectures import SparseAutoencoder
-from ..blocks import block_from_text
 from ..errors import SAEFormatError
-from ..metadata import FeatureStats, SAEConfig
-from .common import assemble, load_pickle, read_json, require
+from ..metadata import FeatureStats
+from .common import assemble, load_pickle, read_json, reader_config, require
 
 NAME = "paper"
 CONFIG_KEYS = ("n_dirs_local", "d_model", "k")
@@ -49,20 +48,9 @@ def load(path) -> SparseAutoencoder:
     if not isinstance(sd, dict):
         raise SAEFormatError(sd_path, f"expected a dict of tensors, found {type(loaded).__name__}")
 
-    block = block_from_text(str(folder.resolve()))
     hyper = {key: cfg[key] for key in ("auxk", "dead_steps_threshold") if key in cfg}
-    config = SAEConfig(
-        architecture="topk",
-        d_in=d,
-        n_features=n,
-        k=k,
-        apply_b_dec_to_input=True,
-        block=block.short if block else None,
-        base_model="sdxl-turbo",
-        hook="update",
-        source_format=NAME,
-        hyperparameters=hyper,
-    )
+    config = reader_config(NAME, folder, base_model="sdxl-turbo", hyperparameters=hyper, architecture="topk", d_in=d,
+                           n_features=n, k=k, apply_b_dec_to_input=True)
     stats = FeatureStats()
     for name, attr in (("mean.pt", "mean"), ("std.pt", "std")):
         if (folder / name).is_file():

@@ -27,17 +27,24 @@ SAELens 5). Without a recorded factor the SAE cannot be used faithfully, so it i
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from ..architectures import SparseAutoencoder
-from ..blocks import block_from_text
 from ..errors import SAEFormatError
-from ..metadata import FeatureStats, SAEConfig
-from .common import assemble, load_safetensors, read_json, require
+from ..metadata import FeatureStats
+from .common import (
+    assemble,
+    load_safetensors,
+    open_safetensors,
+    positive_int,
+    read_json,
+    reader_config,
+    require,
+    sae_folder,
+)
 
 NAME = "saelens"
 CFG_FILE = "cfg.json"
@@ -85,15 +92,6 @@ def _flat_config(raw: dict) -> dict:
     return cfg
 
 
-def _int(cfg_path, cfg: dict, key: str) -> int:
-    if key not in cfg or cfg[key] is None:
-        raise SAEFormatError(cfg_path, f"missing config key {key!r}")
-    v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < 1:
-        raise SAEFormatError(cfg_path, f"config key {key!r} must be a positive integer, not {v!r}")
-    return int(v)
-
-
 def _architecture(cfg_path, cfg: dict) -> tuple[str, int | None]:
     """(our architecture, k) from the SAELens architecture and activation entries."""
     arch = cfg.get("architecture") or "standard"
@@ -115,8 +113,8 @@ def _architecture(cfg_path, cfg: dict) -> tuple[str, int | None]:
         if act not in ("topk", "relu"):
             raise SAEFormatError(cfg_path, f"unsupported activation {act!r} for a topk SAE")
         if kwargs.get("k") is not None:  # SAELens < 6: activation_fn_kwargs wins
-            return "topk", _int(cfg_path, kwargs, "k")
-        return "topk", _int(cfg_path, cfg, "k")
+            return "topk", positive_int(cfg_path, kwargs, "k")
+        return "topk", positive_int(cfg_path, cfg, "k")
     if act != "relu":
         raise SAEFormatError(
             cfg_path, f"unsupported activation function {act!r} for a {arch} SAE (only relu is supported)"
@@ -165,16 +163,10 @@ def _scaling_factor(folder: Path, cfg_path, cfg: dict) -> tuple[float, str]:
 
 def _read_scalar(path: Path, name: str):
     """One scalar tensor of a safetensors file, or None; the rest of the file is not read."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            if name not in f.keys():
-                return None
-            t = f.get_tensor(name)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SAEFormatError(path, f"corrupt or truncated safetensors file ({msg})") from None
+    with open_safetensors(path) as f:
+        if name not in f.keys():
+            return None
+        t = f.get_tensor(name)
     if t.numel() != 1:
         raise SAEFormatError(path, f"tensor {name!r} has shape {list(t.shape)}, expected a scalar")
     return float(t.item())
@@ -190,14 +182,12 @@ def _frequency(folder: Path, n: int) -> torch.Tensor | None:
 
 
 def load(path) -> SparseAutoencoder:
-    folder = Path(path)
-    if folder.is_file():
-        folder = folder.parent
+    folder = sae_folder(path)
     cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
     raw = read_json(cfg_path)
     cfg = _flat_config(raw)
-    d = _int(cfg_path, cfg, "d_in")
-    n = _int(cfg_path, cfg, "d_sae")
+    d = positive_int(cfg_path, cfg, "d_in")
+    n = positive_int(cfg_path, cfg, "d_sae")
     arch, k = _architecture(cfg_path, cfg)
     normalize = _normalization(cfg_path, cfg)
     input_scale = 1.0
@@ -245,25 +235,9 @@ def load(path) -> SparseAutoencoder:
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
         hyper["decoder_norm_folded"] = True
 
-    hook_name = cfg.get("hook_name")
-    block = block_from_text(hook_name) if isinstance(hook_name, str) else None
-    if block is None:
-        block = block_from_text(str(folder.resolve()))
-    model = cfg.get("model_name")
-    config = SAEConfig(
-        architecture=arch,
-        d_in=d,
-        n_features=n,
-        k=k,
-        apply_b_dec_to_input=apply_b_dec,
-        normalize=normalize,
-        input_scale=input_scale,
-        block=block.short if block else None,
-        base_model=model if isinstance(model, str) else None,
-        hook="update",
-        source_format=NAME,
-        hyperparameters=json.loads(json.dumps(hyper)),
-    )
+    config = reader_config(NAME, folder, block_hint=cfg.get("hook_name"), base_model=cfg.get("model_name"),
+                           hyperparameters=hyper, architecture=arch, d_in=d, n_features=n, k=k,
+                           apply_b_dec_to_input=apply_b_dec, normalize=normalize, input_scale=input_scale)
     stats = FeatureStats(frequency=_frequency(folder, n))
     return assemble(
         w_path, config, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold, stats=stats

@@ -15,13 +15,17 @@ The block is read from the hookpoint folder's name (`unet.down_blocks.2.attentio
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..architectures import SparseAutoencoder
-from ..blocks import block_from_text
 from ..errors import SAEFormatError
-from ..metadata import SAEConfig
-from .common import assemble, load_safetensors, read_json, require
+from .common import (
+    assemble,
+    load_safetensors,
+    positive_int,
+    read_json,
+    reader_config,
+    require,
+    sae_folder,
+)
 
 NAME = "sparsify"
 CFG_FILE = "cfg.json"
@@ -29,17 +33,8 @@ WEIGHTS_FILE = "sae.safetensors"
 KNOWN_TENSORS = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
 
 
-def _positive_int(cfg_path, cfg: dict, key: str, allow_zero: bool = False) -> int:
-    v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or int(v) < (0 if allow_zero else 1):
-        raise SAEFormatError(cfg_path, f"config key {key!r} must be a positive integer, not {v!r}")
-    return int(v)
-
-
 def load(path) -> SparseAutoencoder:
-    folder = Path(path)
-    if folder.is_file():
-        folder = folder.parent
+    folder = sae_folder(path)
     cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
     cfg = read_json(cfg_path)
 
@@ -58,9 +53,7 @@ def load(path) -> SparseAutoencoder:
             "unsupported: this is a sparsify transcoder (it predicts a module's output from its input); "
             "only autoencoders are supported",
         )
-    if "k" not in cfg:
-        raise SAEFormatError(cfg_path, "missing config key 'k'")
-    k = _positive_int(cfg_path, cfg, "k")
+    k = positive_int(cfg_path, cfg, "k")
 
     tensors, _ = load_safetensors(w_path)
     if cfg.get("skip_connection") or "W_skip" in tensors:
@@ -73,33 +66,23 @@ def load(path) -> SparseAutoencoder:
         raise SAEFormatError(w_path, f"unexpected tensors {unknown} for a sparsify SAE")
 
     if cfg.get("d_in") is not None:
-        d = _positive_int(cfg_path, cfg, "d_in")
+        d = positive_int(cfg_path, cfg, "d_in")
     else:
         d = int(require(w_path, tensors, "encoder.weight", (None, None)).shape[1])
     if cfg.get("num_latents"):
-        n = _positive_int(cfg_path, cfg, "num_latents")
+        n = positive_int(cfg_path, cfg, "num_latents")
     elif cfg.get("expansion_factor") is not None:
-        n = d * _positive_int(cfg_path, cfg, "expansion_factor")
+        n = d * positive_int(cfg_path, cfg, "expansion_factor")
     else:
         n = int(require(w_path, tensors, "encoder.weight", (None, d)).shape[0])
 
     hookpoint = folder.resolve().name
-    block = block_from_text(hookpoint) or block_from_text(str(folder.resolve()))
     hyper = {key: cfg[key] for key in ("expansion_factor", "num_latents", "normalize_decoder", "multi_topk")
              if key in cfg and isinstance(cfg[key], (int, float, bool))}
     hyper["activation"] = "topk"
     hyper["hookpoint"] = hookpoint
-    config = SAEConfig(
-        architecture="topk",
-        d_in=d,
-        n_features=n,
-        k=k,
-        apply_b_dec_to_input=True,
-        block=block.short if block else None,
-        hook="update",
-        source_format=NAME,
-        hyperparameters=hyper,
-    )
+    config = reader_config(NAME, folder, block_hint=hookpoint, hyperparameters=hyper, architecture="topk", d_in=d,
+                           n_features=n, k=k, apply_b_dec_to_input=True)
     return assemble(
         w_path,
         config,

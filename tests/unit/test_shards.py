@@ -12,8 +12,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sae_models import shards
-from sae_models.shards import DumpFormatError, DumpWriteError, ShardWriter, iter_vectors
+from sae_models import files, shards
+from sae_models.shards import (
+    DumpFormatError,
+    DumpWriteError,
+    ShardWriter,
+    iter_vectors,
+    layout,
+    reader,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = "down.2.1"
@@ -171,7 +178,7 @@ def test_resume_with_same_writer_id_continues_numbering(tmp_path):
 
 def test_default_writer_id_and_invalid_ones(tmp_path):
     w = ShardWriter(tmp_path)
-    assert shards._NAME_RE.match(w.writer_id) and w.folder == tmp_path
+    assert layout.NAME_RE.match(w.writer_id) and w.folder == tmp_path
     assert ShardWriter(tmp_path).writer_id != w.writer_id
     with pytest.raises(ValueError, match="writer_id"):
         ShardWriter(tmp_path, writer_id="a/b")
@@ -183,7 +190,7 @@ def test_crash_between_shard_commit_and_record(tmp_path, monkeypatch):
 
     w = ShardWriter(tmp_path, writer_id="w", rows_per_shard=10, dtype=torch.float32)
     w.add_image({}, {BLOCK: rows_for(0, n=10)})  # image 0: one full shard, recorded
-    monkeypatch.setattr(shards, "_append_lines", die)
+    monkeypatch.setattr(files, "append_lines", die)
     with pytest.raises(KeyboardInterrupt):
         w.add_image({}, {BLOCK: rows_for(1, n=20)})  # image 1: two shards committed, record never written
     monkeypatch.undo()
@@ -201,8 +208,8 @@ def test_crash_between_shard_commit_and_record(tmp_path, monkeypatch):
 def test_process_killed_mid_shard_leaves_no_partial_shard(tmp_path):
     script = textwrap.dedent(f"""
         import os, torch
-        from sae_models import shards
-        real = shards._write_bytes
+        from sae_models import files, shards
+        real = files.write_new
         calls = []  # shard writes only (not the manifest)
         def half_then_die(path, data):
             if ".safetensors" in str(path):
@@ -212,15 +219,17 @@ def test_process_killed_mid_shard_leaves_no_partial_shard(tmp_path):
                     f.write(data[: len(data) // 2])
                 os._exit(3)
             real(path, data)
-        shards._write_bytes = half_then_die
+        files.write_new = half_then_die
         w = shards.ShardWriter({str(tmp_path)!r}, writer_id="k", rows_per_shard=10, dtype=torch.float32)
         for i in range(3):
             w.add_image({{}}, {{"{BLOCK}": {{"update": torch.full((8, 4), float(i)), "grid": (4, 2)}}}})
     """)
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 3, r.stderr
-    files = sorted(p.name for p in (tmp_path / BLOCK).iterdir())
-    assert files[0] == "k-000000.safetensors" and len(files) == 2 and files[1].endswith(".tmp")
+    names = sorted(p.name for p in (tmp_path / BLOCK).iterdir())
+    temporaries = [n for n in names if n.endswith(".tmp")]
+    assert [n for n in names if n not in temporaries] == ["k-000000.safetensors"] and len(names) == 2
+    assert len(temporaries) == 1 and temporaries[0].startswith(".k-000001.safetensors.")
     assert [p.name for p in shards.list_shards(tmp_path, BLOCK)] == ["k-000000.safetensors"]
     assert shard_sizes(tmp_path) == [10]
     assert [r["image"] for r in shards.done_images(tmp_path)] == [0]  # image 1 is half in shard 0: not done
@@ -255,7 +264,7 @@ def test_disk_full_keeps_committed_shards_and_buffered_rows(tmp_path, monkeypatc
             f.write(data[:100])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shards, "_write_bytes", full)
+    monkeypatch.setattr(files, "write_new", full)
     with pytest.raises(DumpWriteError) as ei:
         w.add_image({}, {BLOCK: rows_for(1, n=12)})
     e = ei.value
@@ -389,7 +398,7 @@ def test_train_eval_split_is_by_image_disjoint_and_covering(dump):
 
 def test_memory_is_bounded_by_the_window(dump, monkeypatch):
     loaded = []
-    real = shards._read_shard
+    real = reader.read_shard
 
     def counting(path, names):
         t, meta = real(path, names)
@@ -397,7 +406,7 @@ def test_memory_is_bounded_by_the_window(dump, monkeypatch):
             loaded.append(len(t["update"]))
         return t, meta
 
-    monkeypatch.setattr(shards, "_read_shard", counting)
+    monkeypatch.setattr(reader, "read_shard", counting)
     s = iter_vectors(dump, BLOCK, batch_size=16, shuffle_shards=2)
     assert sorted(ids(list(s))) == ALL
     assert len(loaded) == 15 and s.peak_window_rows <= 2 * 10
