@@ -6,9 +6,10 @@ display name once, in its schema.
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from .dump import DumpActivations, DumpImages, PromptList
+from .dump import DumpActivations, DumpImages
 from .load import LoadSAE
 from .probe import FeatureHeatmap, ProbeBlock, TopFeatures
+from .prompts import PromptList
 from .steer import ReconstructBlock, SteerFeatures
 from .train import TrainSAE
 

@@ -17,64 +17,38 @@ import io as _io
 import logging
 import os
 import shutil
-import threading
 import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 from PIL import Image
 
-import folder_paths
 
-from ..sae_models import shards
-from ..sae_models.blocks import PAPER_BLOCKS, SHORT_NAMES, Block, find_block
+from ..sae_models import files, shards
+from ..sae_models.blocks import Block
 from . import paths
-from .common import CATEGORY, TARGET_CHOICES, NodeInputError, parse_steps
-from .patch import CallInfo, Edit, attach_edit, block_channels
+from .errors import NodeInputError, validation_answer
+from .inputs import parse_steps
+from .models import block_channels, parse_blocks
+from .patch import CallInfo, attach_edit
+from .recording import RecordingEdit, RunRecord
+from .schema import CATEGORY, SAE_DUMP, TARGET_CHOICES
 
 log = logging.getLogger(__name__)
 
 DUMP = "SAE Dump Activations"
 SAVE = "SAE Dump Images"
-PROMPTS = "SAE Prompt List"
-SAE_DUMP = io.Custom("SAE_DUMP")
 
 FIELDS = {"update": ("update",), "update, input, output": ("update", "input", "output")}
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FLUSH = ["when the queue is empty", "after every prompt", "only when a shard is full"]
-
-
-def resolve_dump_folder(node: str, folder: str, input_name: str = "folder") -> str:
-    """The absolute dump folder a widget names: under ComfyUI's output folder, or in a dump folder the
-    server's owner registered (`paths.dump_folder`). Nothing is created."""
-    return paths.dump_folder(node, input_name, folder)
-
-
-def parse_blocks(node: str, text: str) -> tuple[Block, ...]:
-    """'paper' -> the paper's four blocks; else block names separated by commas or spaces."""
-    names = [t for t in text.replace(",", " ").split() if t]
-    if not names:
-        raise NodeInputError(node, "no block given")
-    if [n.lower() for n in names] == ["paper"]:
-        names = list(PAPER_BLOCKS)
-    blocks = []
-    for n in names:
-        b = find_block(n)
-        if b is None:
-            raise NodeInputError(node, f"unknown block {n!r}; use 'paper' or names from {', '.join(SHORT_NAMES)}")
-        if b not in blocks:
-            blocks.append(b)
-    return tuple(blocks)
 
 
 def check_writable(node: str, folder: str, need_bytes: int) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
+        probe = files.atomic_write_bytes(os.path.join(folder, f".write-test-{os.getpid()}"), b"ok")
         os.remove(probe)
     except OSError as e:
         raise NodeInputError(node, f"cannot write to the dump folder {folder}: {e.strerror or e}") from None
@@ -85,61 +59,55 @@ def check_writable(node: str, folder: str, need_bytes: int) -> None:
             f"{need_bytes / 2**20:.0f} MiB (lower rows_per_shard or free some space)")
 
 
-def check_manifest(node: str, folder: str, blocks, channels: dict, dtype: str, rows_per_shard: int, fields) -> None:
-    """A folder that already holds a dump must agree with what this node would write into it."""
-    if not os.path.exists(os.path.join(folder, "manifest.json")):
+def check_manifest(node: str, folder: str, channels: dict, dtype: str, rows_per_shard: int, fields) -> None:
+    """A folder that already holds a dump must agree with what this node would write into it
+    (`channels`: {block: d_in})."""
+    if not os.path.exists(os.path.join(folder, shards.MANIFEST)):
         return
+    blocks = {b: (d_in, fields) for b, d_in in channels.items()}
     try:
-        m = shards.read_manifest(folder)
-    except (ValueError, OSError) as e:
+        shards.check_compatible(folder, dtype, rows_per_shard, blocks, who="this node")
+    except shards.DumpFormatError as e:
         raise NodeInputError(node, str(e)) from None
-    if m.get("dtype") != dtype:
-        raise NodeInputError(node, f"{folder} holds a {m.get('dtype')} dump; this node writes {dtype}")
-    if int(m.get("rows_per_shard", -1)) != rows_per_shard:
-        raise NodeInputError(node, f"{folder} holds shards of {m.get('rows_per_shard')} rows; this node "
-                                   f"is set to {rows_per_shard}")
-    for b in blocks:
-        entry = m.get("blocks", {}).get(b.short)
-        if entry is None:
-            continue
-        if int(entry["d_in"]) != channels[b.short]:
-            raise NodeInputError(node, f"{folder} holds {b.short} vectors of size {entry['d_in']}; this MODEL's "
-                                       f"block has {channels[b.short]} channels")
-        if set(entry.get("fields", [])) != set(fields):
-            raise NodeInputError(node, f"{folder} holds the fields {entry.get('fields')} of {b.short}; this node "
-                                       f"writes {list(fields)}")
 
 
 @dataclass(eq=False)
-class DumpSession:
+class DumpSession(RunRecord):
     """The `SAE_DUMP` value: where and what to dump, the rows of the current sampling run, and the writer."""
 
-    folder: str
-    blocks: tuple[Block, ...]
-    fields: tuple[str, ...]
-    steps: frozenset | None
-    dtype: torch.dtype
-    rows_per_shard: int
+    folder: str = ""
+    blocks: tuple[Block, ...] = ()
+    fields: tuple[str, ...] = ("update",)
+    dtype: torch.dtype = torch.float16
+    rows_per_shard: int = 16384
     writer_id: str | None = None
     _run: dict = field(default_factory=dict)
-    _schedule: object = None
+    _out_of_range: dict = field(default_factory=dict)  # block -> largest |value| the dump dtype cannot hold
     _writer: shards.ShardWriter | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, block: Block, info: CallInfo, rows: list[int], tensors: dict[str, torch.Tensor]) -> None:
-        """Keep the rows of one UNet call (tensors `[len(rows), H, W, C]`) for the run in progress."""
+    def _new_run(self) -> None:  # a new sampling run: forget an unfinished one
+        self._run, self._out_of_range = {}, {}
+
+    def add(self, block: Block, info: CallInfo, rows: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        """Keep the rows of one UNet call (tensors `[len(rows), H, W, C]`) for the run in progress, in the
+        dump's dtype; note values that dtype cannot hold (float16 tops out at 65504)."""
+        stored = {k: v.detach().to("cpu", self.dtype) for k, v in tensors.items()}
+        overflow = not all(bool(torch.isfinite(v).all()) for v in stored.values())
         with self._lock:
-            if info.schedule is not self._schedule:  # a new sampling run: forget an unfinished one
-                self._schedule = info.schedule
-                self._run = {}
+            self._enter(info)
+            if overflow:
+                worst = max(float(t.float().abs().max()) for t in tensors.values())
+                self._out_of_range[block.short] = max(worst, self._out_of_range.get(block.short, 0.0))
             self._run.setdefault(block.short, []).append(dict(
-                tensors=tensors, step=info.step, sigma=info.sigma,
+                tensors=stored, step=info.step, sigma=info.sigma,
                 kind=[info.row_kind[r] for r in rows], image=[info.row_image[r] for r in rows]))
 
-    def take_run(self) -> dict:
+    def take_run(self) -> tuple[dict, dict]:
+        """The rows recorded in the latest run, and the blocks whose values the dtype could not hold."""
         with self._lock:
-            run, self._run, self._schedule = self._run, {}, None
-        return run
+            run, bad = self._run, self._out_of_range
+            self._run, self._out_of_range, self._schedule = {}, {}, None
+        return run, bad
 
     @property
     def writer(self) -> shards.ShardWriter:
@@ -158,25 +126,21 @@ def _flush_quietly(writer: shards.ShardWriter) -> None:
 
 
 @dataclass(frozen=True, eq=False)
-class DumpEdit(Edit):
+class DumpEdit(RecordingEdit):
     """Copies the block's update (and optionally input and output) of the selected rows to the session."""
 
-    session: DumpSession = None
     needs_block_input = True
 
     def apply(self, update, info, block_input=None):
-        s = self.session
-        if s.steps is not None and info.step not in s.steps:
-            return None
-        rows = info.rows(self.target)
+        rows = self.rows_to_record(info)
         if not rows:
             return None
         u = update[rows]
         tensors = {"update": u}
-        if "input" in s.fields:
-            x = block_input[rows]
+        if "input" in self.record.fields:
+            x = block_input[rows].to(u.dtype)
             tensors["input"], tensors["output"] = x, x + u
-        s.record(self.block, info, rows, {k: v.detach().to("cpu", s.dtype) for k, v in tensors.items()})
+        self.record.add(self.block, info, rows, tensors)
         return None
 
 
@@ -204,7 +168,7 @@ class DumpActivations(io.ComfyNode):
                                "cfg 1 has only cond rows."),
                 io.Combo.Input("fields", options=list(FIELDS), default="update",
                                tooltip="The update only (what the paper's SAEs read), or also the block's input and output."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="float16"),
+                io.Combo.Input("dtype", options=list(shards.DTYPES), default="float16"),
                 io.Int.Input("rows_per_shard", default=16384, min=256, max=1 << 22, step=256,
                              tooltip="Rows per shard file (256 rows per image and block at 512x512)."),
                 io.String.Input("writer_id", default="", optional=True,
@@ -215,11 +179,11 @@ class DumpActivations(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, folder):
-        return _valid(lambda: resolve_dump_folder(DUMP, folder), folder)
+        return validation_answer(lambda: paths.dump_folder(DUMP, "folder", folder), folder)
 
     @classmethod
     def execute(cls, model, folder, blocks, steps, apply_to, fields, dtype, rows_per_shard, writer_id="") -> io.NodeOutput:
-        path = resolve_dump_folder(DUMP, folder)
+        path = paths.dump_folder(DUMP, "folder", folder)
         blks = parse_blocks(DUMP, blocks)
         channels = {}
         for b in blks:
@@ -231,13 +195,14 @@ class DumpActivations(io.ComfyNode):
         if writer_id and not all(ch.isalnum() or ch in "_.-" for ch in writer_id):
             raise NodeInputError(DUMP, f"writer_id {writer_id!r} may hold only letters, digits, '_', '.' and '-'")
         names = FIELDS[fields]
-        check_manifest(DUMP, path, blks, channels, dtype, rows_per_shard, names)
-        per_row = sum(channels.values()) * len(names) * DTYPES[dtype].itemsize
+        check_manifest(DUMP, path, channels, dtype, rows_per_shard, names)
+        per_row = sum(channels.values()) * len(names) * shards.DTYPES[dtype].itemsize
         check_writable(DUMP, path, rows_per_shard * per_row)
-        session = DumpSession(path, blks, names, parse_steps(DUMP, steps), DTYPES[dtype], rows_per_shard, writer_id)
+        session = DumpSession(steps=parse_steps(DUMP, steps), folder=path, blocks=blks, fields=names,
+                              dtype=shards.DTYPES[dtype], rows_per_shard=rows_per_shard, writer_id=writer_id)
         m = model
         for b in blks:
-            m = attach_edit(m, DumpEdit(block=b, target=apply_to, session=session))
+            m = attach_edit(m, DumpEdit(block=b, target=apply_to, node=DUMP, record=session))
         return io.NodeOutput(m, session)
 
 
@@ -278,18 +243,11 @@ def _save_png(folder: str, image: torch.Tensor) -> str:
     buf = _io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     data = buf.getvalue()
-    rel = f"images/{hashlib.sha1(data).hexdigest()[:20]}.png"
+    rel = f"{shards.IMAGES_DIR}/{hashlib.sha1(data).hexdigest()[:20]}.png"
     dst = os.path.join(folder, rel)
-    if not os.path.exists(dst):
+    if not os.path.exists(dst):  # named by its content: one already there is this image
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        files.atomic_write_bytes(dst, data)
     return rel
 
 
@@ -330,7 +288,12 @@ class DumpImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, dump, prompt="", seed=0, commit=FLUSH[0]) -> io.NodeOutput:
-        run = dump.take_run()
+        run, out_of_range = dump.take_run()
+        if out_of_range:
+            worst = ", ".join(f"{b} (|x| up to {v:.3g})" for b, v in out_of_range.items())
+            raise NodeInputError(
+                SAVE, f"the run's values of {worst} do not fit the dump's {str(dump.dtype).replace('torch.', '')}"
+                " (largest float16: 65504), so nothing was written; dump in float32")
         missing = [b.short for b in dump.blocks if b.short not in run]
         if missing:
             raise NodeInputError(
@@ -351,7 +314,6 @@ class DumpImages(io.ComfyNode):
                     "prompt": prompt, "seed": int(seed), "batch_index": i,
                     "file": _save_png(dump.folder, images[i]),
                     "width": int(images.shape[2]), "height": int(images.shape[1]),
-                    "grids": {b: "x".join(map(str, _grid(chunks))) for b, chunks in run.items()},
                     "steps": sorted({-1 if c["step"] is None else c["step"] for cs in run.values() for c in cs}),
                 }
                 writer.add_image(record, rows)
@@ -364,86 +326,3 @@ class DumpImages(io.ComfyNode):
         text = (f"{n_images} image(s), {n_rows} rows each over {len(run)} block(s) -> {dump.folder}; "
                 f"{writer.pending_rows} rows waiting for a full shard")
         return io.NodeOutput(ui={"text": [text]})
-
-
-def _valid(check, value) -> bool | str:
-    """validate_inputs' answer: True, or the error of `check()`. A value that comes from a link is not known
-    before the run (ComfyUI passes None) and is checked when the node runs."""
-    if value is None:
-        return True
-    try:
-        check()
-    except NodeInputError as e:
-        return str(e)
-    return True
-
-
-PROMPT_FILES = (".txt",)
-NO_FILE = ""
-
-
-def read_prompts(node: str, text: str, file: str) -> list[str]:
-    """Prompts, one a line (blank lines and lines starting with '#' skipped), from `text` or from `file`, a
-    text file in ComfyUI's input folder."""
-    file = (file or "").strip()
-    if file:
-        path = paths.input_file(node, "file", file, PROMPT_FILES)
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise NodeInputError(node, f"cannot read the prompt file {file!r}: {getattr(e, 'strerror', None) or e}") from None
-    prompts = [ln.strip() for ln in (text or "").splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise NodeInputError(node, "no prompt given (one prompt a line)")
-    return prompts
-
-
-class PromptList(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="UnboxPromptList",
-            display_name=PROMPTS,
-            category=CATEGORY,
-            description="One prompt of a list (a text file or the box below, one prompt a line), chosen by "
-            "index. With 'increment' after each run, queueing the graph N times walks through the list; "
-            "scripts/queue_prompts.py sets the index itself.",
-            inputs=[
-                io.String.Input("prompts", multiline=True, default="a photo of a cat\na watercolor of a lighthouse",
-                                tooltip="One prompt a line; ignored when a file is given."),
-                io.Combo.Input("file", options=[NO_FILE, *paths.input_files(PROMPT_FILES)], default=NO_FILE,
-                               tooltip="A .txt file in ComfyUI's input folder, one prompt a line (empty: use the "
-                               "box above)."),
-                io.Int.Input("index", default=0, min=0, max=1 << 31, control_after_generate=True),
-                io.Int.Input("seed_base", default=0, min=0, max=1 << 48,
-                             tooltip="The 'seed' output is seed_base + index: one reproducible seed per prompt."),
-            ],
-            outputs=[io.String.Output(display_name="prompt"), io.Int.Output(display_name="seed"),
-                     io.Int.Output(display_name="index"), io.Int.Output(display_name="count")],
-        )
-
-    @classmethod
-    def execute(cls, prompts, file, index, seed_base=0) -> io.NodeOutput:
-        items = read_prompts(PROMPTS, prompts, file)
-        if index >= len(items):
-            raise NodeInputError(PROMPTS, f"index {index} is past the end of the list ({len(items)} prompts)")
-        return io.NodeOutput(items[index], seed_base + index, index, len(items),
-                             ui={"text": [f"{index + 1}/{len(items)}: {items[index]}"]})
-
-    @classmethod
-    def validate_inputs(cls, file):
-        # Listed here so that ComfyUI does not refuse a file added to input/ since the list was made; the
-        # file is checked as the node would read it.
-        return _valid(lambda: (file or "").strip() and paths.input_file(PROMPTS, "file", file, PROMPT_FILES), file)
-
-    @classmethod
-    def fingerprint_inputs(cls, prompts, file, index, seed_base=0):
-        if (file or "").strip():
-            try:
-                st = os.stat(paths.input_file(PROMPTS, "file", file, PROMPT_FILES))
-                return f"{prompts}|{file}|{st.st_mtime_ns}|{st.st_size}|{index}|{seed_base}"
-            except (NodeInputError, OSError):
-                pass
-        return f"{prompts}|{file}|{index}|{seed_base}"

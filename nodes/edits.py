@@ -1,15 +1,14 @@
-"""The edits the nodes attach through `patch.attach_edit`: steer, reconstruct and probe."""
+"""The edits that change a block's update, attached through `patch.attach_edit`: steer and reconstruct."""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..sae_models import steering
-from .patch import CallInfo, Edit
+from .patch import Edit
 from .sae_handle import SAEHandle
 
 
@@ -70,103 +69,3 @@ class ReconstructEdit(SAEEdit):
 
     def edit_rows(self, u, w):
         return steering.reconstruct(u, self.handle.sae, w, keep_error=self.keep_error)
-
-
-@dataclass
-class StepRecord:
-    """Sparse SAE codes of one block at one sampling step: `values`/`indices` `[rows, H, W, width]`."""
-
-    step: int | None
-    sigma: float
-    values: torch.Tensor
-    indices: torch.Tensor
-    row_kind: list[int]
-    row_image: list[int]
-
-    def feature_map(self, feature: int) -> torch.Tensor:
-        """Activation of `feature` at every position, `[rows, H, W]`."""
-        return (self.values * (self.indices == feature)).sum(-1)
-
-    def mean_activation(self, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean activation of every feature over the positions of each row, `[rows, n_features]`;
-        with `weights [rows, H, W]`, a weighted mean (e.g. over a painted mask)."""
-        rows, H, W, width = self.values.shape
-        wts = torch.ones(rows, H, W) if weights is None else weights
-        per_pos = self.values * wts.unsqueeze(-1)
-        out = torch.zeros(rows, self.n_features)
-        out.scatter_add_(1, self.indices.reshape(rows, -1), per_pos.reshape(rows, -1))
-        return out / wts.reshape(rows, -1).sum(-1, keepdim=True).clamp_min(1e-8)
-
-    n_features: int = 0
-
-
-@dataclass(eq=False)
-class ProbeRecorder:
-    """Collects the codes of one block during the latest sampling run (the `SAE_PROBE` socket type).
-
-    A new run is recognised by a new schedule object (ComfyUI makes one per sampling), and replaces the
-    previous run's record; an unchanged graph is served from ComfyUI's cache and keeps the record.
-    """
-
-    handle: SAEHandle
-    block_name: str
-    steps: frozenset | None = None  # None: every step
-    records: dict = field(default_factory=dict)
-    _schedule: object = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, info: CallInfo, rows: list[int], values: torch.Tensor, indices: torch.Tensor):
-        with self._lock:
-            if info.schedule is not self._schedule:
-                self._schedule = info.schedule
-                self.records = {}
-            rec = StepRecord(
-                info.step, info.sigma, values, indices,
-                [info.row_kind[r] for r in rows], [info.row_image[r] for r in rows],
-                n_features=self.handle.sae.n_features,
-            )
-            old = self.records.get(info.step)
-            if old is not None and old.sigma == info.sigma:  # the batch came in several calls
-                rec = StepRecord(
-                    info.step, info.sigma, torch.cat([old.values, values]), torch.cat([old.indices, indices]),
-                    old.row_kind + rec.row_kind, old.row_image + rec.row_image, n_features=rec.n_features,
-                )
-            self.records[info.step] = rec
-
-    def get(self, step: int = -1) -> StepRecord:
-        """The record of `step` (negative counts from the last recorded step)."""
-        if not self.records:
-            raise ValueError(
-                f"SAE probe on {self.block_name}: nothing was recorded. Connect the probed MODEL to the sampler "
-                "whose image you visualise, and make sure the probe's steps include a step that ran."
-            )
-        keys = sorted(self.records, key=lambda s: -1 if s is None else s)
-        if step < 0:
-            if -step > len(keys):
-                raise ValueError(f"SAE probe on {self.block_name}: only {len(keys)} steps were recorded")
-            return self.records[keys[step]]
-        if step not in self.records:
-            raise ValueError(f"SAE probe on {self.block_name}: step {step} was not recorded (recorded: {keys})")
-        return self.records[step]
-
-
-@dataclass(frozen=True, eq=False)
-class ProbeEdit(Edit):
-    handle: SAEHandle = None
-    recorder: ProbeRecorder = None
-
-    def sae_handles(self):
-        return (self.handle,)
-
-    def apply(self, update, info):
-        steps = self.recorder.steps
-        if steps is not None and info.step not in steps:
-            return None
-        rows = info.rows(self.target)
-        if not rows:
-            return None
-        sae = self.handle.sae
-        with torch.no_grad():
-            values, indices = sae.encode_sparse(update[rows].to(sae.device, sae.dtype))
-        self.recorder.add(info, rows, values.float().cpu(), indices.cpu())
-        return None

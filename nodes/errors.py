@@ -19,3 +19,16 @@ def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
     if len(text) <= limit:
         return text
     return f"{text[: limit - 1]}…' ({len(str(value))} characters)"
+
+
+def validation_answer(check, value) -> bool | str:
+    """What a node's `validate_inputs` answers ComfyUI: True, or the NodeInputError `check()` raises. A value
+    that comes from another node's output is not known before the run (ComfyUI passes None): the node checks
+    it when it runs."""
+    if value is None:
+        return True
+    try:
+        check()
+    except NodeInputError as err:
+        return str(err)
+    return True

@@ -3,7 +3,7 @@ SAE goes on."""
 
 from __future__ import annotations
 
-from ..sae_models.blocks import SHORT_NAMES, Block, find_block
+from ..sae_models.blocks import PAPER_BLOCKS, SHORT_NAMES, Block, find_block
 from .errors import NodeInputError, excerpt
 from .sae_handle import SAEHandle
 from .schema import AUTO
@@ -59,3 +59,20 @@ def resolve_block(node: str, handle: SAEHandle, choice: str, model=None) -> Bloc
                 f"MODEL has {channels} channels",
             )
     return block
+
+
+def parse_blocks(node: str, text: str) -> tuple[Block, ...]:
+    """'paper' -> the paper's four blocks; else block names separated by commas or spaces."""
+    names = [t for t in text.replace(",", " ").split() if t]
+    if not names:
+        raise NodeInputError(node, "no block given")
+    if [n.lower() for n in names] == ["paper"]:
+        names = list(PAPER_BLOCKS)
+    blocks = []
+    for n in names:
+        b = find_block(n)
+        if b is None:
+            raise NodeInputError(node, f"unknown block {n!r}; use 'paper' or names from {', '.join(SHORT_NAMES)}")
+        if b not in blocks:
+            blocks.append(b)
+    return tuple(blocks)

@@ -24,7 +24,6 @@ import torch
 from comfy.patcher_extension import WrappersMP
 
 from ..sae_models.blocks import Block
-from .models import block_channels  # noqa: F401  (temporary re-export for nodes/dump.py)
 
 KEY = "comfyui-sae-unbox"
 

@@ -148,9 +148,3 @@ def output_prefix(node: str, input_name: str, prefix: str, create: bool = True) 
         return None
     folder, name, counter, _, _ = folder_paths.get_save_image_path("/".join([*parts[:-1], tail.strip()]), out)
     return folder, name, counter
-
-
-def sae_file(*args, **kwargs):  # temporary: moved to sae_folder (nodes/train.py still calls it here)
-    from .sae_folder import sae_file as moved
-
-    return moved(*args, **kwargs)

@@ -10,16 +10,16 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 import comfy.utils
-import folder_paths
 
 from ..sae_models.files import atomic_write_text
 from .errors import NodeInputError, excerpt
 from .inputs import check_mask, parse_steps
 from .models import resolve_block
 from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE, SAE_PROBE, TARGET_CHOICES
-from .edits import ProbeEdit, ProbeRecorder, StepRecord, mask_weights
+from .edits import mask_weights
 from .patch import attach_edit
 from .paths import output_prefix
+from .recording import ProbeEdit, ProbeRecorder, StepRecord
 from .render import COLORMAPS, labelled_grid, overlay
 
 PROBE = "SAE Probe Block"
@@ -54,8 +54,8 @@ class ProbeBlock(io.ComfyNode):
     @classmethod
     def execute(cls, model, sae, block, steps, apply_to, probe=None) -> io.NodeOutput:
         blk = resolve_block(PROBE, sae, block, model)
-        recorder = ProbeRecorder(sae, blk.short, parse_steps(PROBE, steps))
-        edit = ProbeEdit(block=blk, target=apply_to, node=PROBE, handle=sae, recorder=recorder)
+        recorder = ProbeRecorder(steps=parse_steps(PROBE, steps), handle=sae, block_name=blk.short)
+        edit = ProbeEdit(block=blk, target=apply_to, node=PROBE, handle=sae, record=recorder)
         probes = tuple(probe or ()) + (recorder,)
         return io.NodeOutput(attach_edit(model, edit), probes)
 

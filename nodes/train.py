@@ -1,29 +1,25 @@
-"""Train SAE: the paper's TopK training (`sae_models.training.train`) on a dump folder, from a graph."""
+"""Train SAE: `sae_models.pipeline.train_on_dump` (the paper's TopK training, evaluation, statistics, save)
+on a dump folder, from a graph."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import torch
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
 
-from .. import sae_models
 from ..sae_models import shards
 from ..sae_models.blocks import SHORT_NAMES
-from ..sae_models.metrics import evaluate
-from ..sae_models.stats import features_index_path, summarize_features, write_features_index
-from ..sae_models.training import train
-from .common import CATEGORY, SAE, NodeInputError
+from ..sae_models.pipeline import train_on_dump
 from . import paths
-from .dump import _valid, resolve_dump_folder
-from .sae_folder import FOLDER
+from .errors import NodeInputError, validation_answer
+from .sae_folder import sae_file, sae_root
 from .sae_handle import SAEHandle
+from .schema import CATEGORY, SAE
 
 NODE = "SAE Train"
 ONLY_BLOCK = "the dump's only block"
@@ -38,7 +34,7 @@ def _dump_block(node: str, folder: str, choice: str) -> str:
 
 
 def _output_path(node: str, name: str, overwrite: bool) -> str:
-    path = paths.sae_file(node, "save_name", name)
+    path = sae_file(node, "save_name", name)
     if os.path.exists(path) and not overwrite:
         raise NodeInputError(node, f"{path} exists; choose another save_name or turn on overwrite")
     return path
@@ -90,9 +86,9 @@ class TrainSAE(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, dump_folder, save_name):
-        for value, check in ((dump_folder, lambda: resolve_dump_folder(NODE, dump_folder, "dump_folder")),
-                             (save_name, lambda: paths.sae_file(NODE, "save_name", save_name))):
-            answer = _valid(check, value)
+        for value, check in ((dump_folder, lambda: paths.dump_folder(NODE, "dump_folder", dump_folder)),
+                             (save_name, lambda: sae_file(NODE, "save_name", save_name))):
+            answer = validation_answer(check, value)
             if answer is not True:
                 return answer
         return True
@@ -103,48 +99,45 @@ class TrainSAE(io.ComfyNode):
         out = _output_path(NODE, save_name, overwrite)
         if k > n_features:
             raise NodeInputError(NODE, f"k={k} is larger than n_features={n_features}")
-        folder = resolve_dump_folder(NODE, dump_folder, "dump_folder")
+        folder = paths.dump_folder(NODE, "dump_folder", dump_folder)
         blk = _dump_block(NODE, folder, block)
-
-        def stream(split, **kw):
-            return shards.iter_vectors(folder, blk, batch_size=batch_size, seed=seed, split=split,
-                                       eval_fraction=eval_fraction, **kw)
-
-        data = stream("train" if eval_fraction > 0 else "all")
-        if data.n_rows == 0:
-            raise NodeInputError(NODE, f"{folder} has no complete {blk} rows to train on")
-        if data.n_rows < batch_size:  # a small dump (e.g. a first try): one batch of everything
-            batch_size = data.n_rows
-            data = stream("train" if eval_fraction > 0 else "all")
-        tokens = min(max_tokens or data.n_rows, data.n_rows)
-        steps = max(tokens // batch_size, 1)
-        pbar = comfy.utils.ProgressBar(steps)
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
-        last_text = [0.0]
-
-        def progress(m):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(min(int(m["step"]), steps), steps)
-            if node_id is not None and "loss" in m and time.monotonic() - last_text[0] > 1.0:
-                last_text[0] = time.monotonic()
-                _show_text(node_id, f"step {m['step']}/{steps}  loss {m['loss']:.4f}  FVU {m['fvu']:.4f}\n"
-                                    f"L0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  {m.get('tokens_per_s', 0):,.0f} tok/s")
-
+        progress = _Progress(node_id)
         checkpoints = os.path.join(folder, "checkpoints", os.path.basename(out).removesuffix(".safetensors"))
-        # ComfyUI runs nodes under torch.inference_mode(); training needs autograd back.
-        with torch.inference_mode(False), torch.enable_grad():
-            sae = train(data, n_features=n_features, k=k, architecture=architecture, batch_size=batch_size, lr=lr,
-                        max_tokens=tokens, seed=seed, block=blk, base_model="sdxl", hook="update",
-                        checkpoint_dir=checkpoints, callback=progress, log_every=1)
-        held_out = stream("eval", shuffle=False) if eval_fraction > 0 else None
-        metrics = evaluate(sae, held_out if held_out is not None and held_out.n_rows else stream("all", shuffle=False))
-        sae.stats, index = summarize_features(sae, stream("all", shuffle=False, with_meta=True), top_n=16)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        sae_models.save(sae, out)
-        write_features_index(index, features_index_path(out))
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        name = os.path.relpath(out, folder_paths.get_folder_paths(FOLDER)[0]).replace(os.sep, "/")
-        handle = SAEHandle(sae, name, out)
-        text = (f"{handle.describe()} trained on {tokens} vectors of {blk}; held-out FVU {metrics['fvu']:.4f}, "
-                f"L0 {metrics['l0']:.2f}, dead {metrics['dead_fraction']:.1%} -> {out}")
+        try:
+            # ComfyUI runs nodes under torch.inference_mode(); training needs autograd back.
+            with torch.inference_mode(False), torch.enable_grad():
+                done = train_on_dump(folder, out, block=blk, eval_fraction=eval_fraction, n_features=n_features, k=k,
+                                     architecture=architecture, batch_size=batch_size, lr=lr,
+                                     max_tokens=max_tokens or None, seed=seed, base_model="sdxl",
+                                     checkpoint_dir=checkpoints, remove_checkpoints=True, callback=progress,
+                                     log_every=1)
+        except shards.DumpFormatError as e:
+            raise NodeInputError(NODE, str(e)) from None
+        m = done.metrics
+        name = os.path.relpath(out, sae_root()).replace(os.sep, "/")
+        handle = SAEHandle(done.sae, name, out)
+        text = (f"{handle.describe()} trained on {done.sae.config.hyperparameters['tokens']} vectors of {blk}; "
+                f"{'held-out' if done.held_out else 'whole-dump'} FVU {m['fvu']:.4f}, L0 {m['l0']:.2f}, "
+                f"dead {m['dead_fraction']:.1%} -> {out}")
         return io.NodeOutput(handle, ui={"text": [text]})
+
+
+class _Progress:
+    """The node's progress bar and live text, from the training callback; stops the run when the user
+    interrupts it."""
+
+    def __init__(self, node_id: str | None):
+        self.node_id, self.bar, self.last_text = node_id, None, 0.0
+
+    def __call__(self, m: dict) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        steps = m.get("total_steps") or 1
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(steps)
+        self.bar.update_absolute(min(int(m["step"]), steps), steps)
+        if self.node_id is not None and "loss" in m and time.monotonic() - self.last_text > 1.0:
+            self.last_text = time.monotonic()
+            _show_text(self.node_id, f"step {m['step']}/{steps}  loss {m['loss']:.4f}  FVU {m['fvu']:.4f}\n"
+                                     f"L0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  "
+                                     f"{m.get('tokens_per_s', 0):,.0f} tok/s")

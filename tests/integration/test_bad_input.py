@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from test_patching import AUTO, MEAN, Capture, make_sae, no_hooks_left, sample, steer
+from test_patching import AUTO, Capture, make_sae, no_hooks_left, sample, steer
 
 STEER = "SAE Steer Features"
 

@@ -275,3 +275,22 @@ def test_train_refuses_bad_input(pk, tmp_path, output_dir, monkeypatch):
     with pytest.raises(ValueError, match="save_name '../x' holds '..'"):
         train.execute("nothing-here", "the dump's only block", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "../x", False)
     assert not os.path.exists(tmp_path / "sae")
+
+
+def test_values_beyond_float16_are_refused_not_written_as_inf(pk, tiny, model, dump_dir):
+    class Amplify(pk.patch.Edit):  # some earlier edit (or model) makes mid.0's update huge
+        def apply(self, update, info):
+            return update * 1e6
+
+    loud = pk.patch.attach_edit(model, Amplify(block=pk.sm.get_block("mid.0")))
+    m, dump = dump_node(pk, loud, dump_dir, dtype="float16")
+    sample(tiny, m)
+    with pytest.raises(ValueError, match=r"^SAE Dump Images: the run's values of mid.0 \(\|x\| up to .*\) do not fit "
+                                         r"the dump's float16 \(largest float16: 65504\), so nothing was written; "
+                                         r"dump in float32"):
+        save_images(pk, fake_images(1), dump)
+    assert not list(dump_dir.rglob("*.safetensors")) and not records(dump_dir)
+    m, dump = dump_node(pk, loud, dump_dir / "wide", dtype="float32")  # float32 holds them
+    sample(tiny, m)
+    save_images(pk, fake_images(1), dump)
+    assert torch.isfinite(read_shards(dump_dir / "wide", "mid.0")["update"]).all()

@@ -18,7 +18,6 @@ assertions read its output and the file system instead of its exit status.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import json
 import os
@@ -188,7 +187,7 @@ def pack_url(tmp_path) -> str:
 
 def _assert_installed_and_torch_kept(python, comfy, output, before):
     installed = comfy / "custom_nodes" / PACK
-    assert f"[INSTALLED] file://localhost" in output, output[-4000:]
+    assert "[INSTALLED] file://localhost" in output, output[-4000:]
     assert (installed / "requirements.txt").is_file(), output[-4000:]
     assert "[comfyui-sae-unbox] requirements are installed." in output, output[-4000:]  # install.py ran and passed
     assert "install script failed" not in output, output[-4000:]

@@ -1,0 +1,139 @@
+"""Edits that record what a block does during sampling, without changing it: the probe's SAE codes (and
+the dump's rows, `dump.py`). Both keep the latest sampling run only, and both record chosen steps of
+chosen rows: that part is here, once."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .patch import CallInfo, Edit
+from .sae_handle import SAEHandle
+
+
+@dataclass(eq=False)
+class RunRecord:
+    """What edits record during the latest sampling run. ComfyUI makes a new schedule object for each
+    sampling run: a call with another one starts a new run (`_new_run` drops the last run's data). An
+    unchanged graph is served from ComfyUI's cache and keeps its record."""
+
+    steps: frozenset | None = None  # the steps to record; None: every step
+    _schedule: object = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _new_run(self) -> None:
+        raise NotImplementedError
+
+    def _enter(self, info: CallInfo) -> None:
+        """Call with `_lock` held, before adding what `info`'s call recorded."""
+        if info.schedule is not self._schedule:
+            self._schedule = info.schedule
+            self._new_run()
+
+
+@dataclass(frozen=True, eq=False)
+class RecordingEdit(Edit):
+    """An edit that records (never changes) the update of its rows at its record's steps."""
+
+    record: RunRecord = None
+
+    def rows_to_record(self, info: CallInfo) -> list[int]:
+        """The batch rows to record in this call: none when the step is not one of the record's."""
+        steps = self.record.steps
+        if steps is not None and info.step not in steps:
+            return []
+        return info.rows(self.target)
+
+
+@dataclass
+class StepRecord:
+    """Sparse SAE codes of one block at one sampling step: `values`/`indices` `[rows, H, W, width]`."""
+
+    step: int | None
+    sigma: float
+    values: torch.Tensor
+    indices: torch.Tensor
+    row_kind: list[int]
+    row_image: list[int]
+
+    def feature_map(self, feature: int) -> torch.Tensor:
+        """Activation of `feature` at every position, `[rows, H, W]`."""
+        return (self.values * (self.indices == feature)).sum(-1)
+
+    def mean_activation(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean activation of every feature over the positions of each row, `[rows, n_features]`;
+        with `weights [rows, H, W]`, a weighted mean (e.g. over a painted mask)."""
+        rows, H, W, width = self.values.shape
+        wts = torch.ones(rows, H, W) if weights is None else weights
+        per_pos = self.values * wts.unsqueeze(-1)
+        out = torch.zeros(rows, self.n_features)
+        out.scatter_add_(1, self.indices.reshape(rows, -1), per_pos.reshape(rows, -1))
+        return out / wts.reshape(rows, -1).sum(-1, keepdim=True).clamp_min(1e-8)
+
+    n_features: int = 0
+
+
+@dataclass(eq=False)
+class ProbeRecorder(RunRecord):
+    """The codes of one block during the latest sampling run, by step (the `SAE_PROBE` socket type)."""
+
+    handle: SAEHandle = None
+    block_name: str = ""
+    records: dict = field(default_factory=dict)
+
+    def _new_run(self) -> None:
+        self.records = {}
+
+    def add(self, info: CallInfo, rows: list[int], values: torch.Tensor, indices: torch.Tensor):
+        with self._lock:
+            self._enter(info)
+            rec = StepRecord(
+                info.step, info.sigma, values, indices,
+                [info.row_kind[r] for r in rows], [info.row_image[r] for r in rows],
+                n_features=self.handle.sae.n_features,
+            )
+            old = self.records.get(info.step)
+            if old is not None and old.sigma == info.sigma:  # the batch came in several calls
+                rec = StepRecord(
+                    info.step, info.sigma, torch.cat([old.values, values]), torch.cat([old.indices, indices]),
+                    old.row_kind + rec.row_kind, old.row_image + rec.row_image, n_features=rec.n_features,
+                )
+            self.records[info.step] = rec
+
+    def get(self, step: int = -1) -> StepRecord:
+        """The record of `step` (negative counts from the last recorded step)."""
+        if not self.records:
+            raise ValueError(
+                f"SAE probe on {self.block_name}: nothing was recorded. Connect the probed MODEL to the sampler "
+                "whose image you visualise, and make sure the probe's steps include a step that ran."
+            )
+        keys = sorted(self.records, key=lambda s: -1 if s is None else s)
+        if step < 0:
+            if -step > len(keys):
+                raise ValueError(f"SAE probe on {self.block_name}: only {len(keys)} steps were recorded")
+            return self.records[keys[step]]
+        if step not in self.records:
+            raise ValueError(f"SAE probe on {self.block_name}: step {step} was not recorded (recorded: {keys})")
+        return self.records[step]
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeEdit(RecordingEdit):
+    """Encodes the update of its rows with the SAE and hands the codes to its ProbeRecorder."""
+
+    handle: SAEHandle = None
+
+    def sae_handles(self):
+        return (self.handle,)
+
+    def apply(self, update, info):
+        rows = self.rows_to_record(info)
+        if not rows:
+            return None
+        sae = self.handle.sae
+        with torch.no_grad():
+            values, indices = sae.encode_sparse(update[rows].to(sae.device, sae.dtype))
+        self.record.add(info, rows, values.float().cpu(), indices.cpu())
+        return None
