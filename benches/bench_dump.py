@@ -15,7 +15,6 @@ paper's `scripts/collect_latents_dataset.py` writes them), made here with `tarfi
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import statistics
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from full_sdxl import conditioning, full_sdxl, import_comfyui, load_pack  # noqa: E402
+from full_sdxl import run_args, conditioning, full_sdxl, import_comfyui, load_pack  # noqa: E402
 
 
 def folder_bytes(folder: Path, pattern: str) -> int:
@@ -62,10 +61,7 @@ def paper_tar_bytes(rows: dict[str, list], folder: Path) -> tuple[int, int]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--size", type=int, default=512)
-    args = ap.parse_args()
+    args = run_args(__doc__)
 
     comfy_nodes = import_comfyui()
     import torch

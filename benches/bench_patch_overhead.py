@@ -15,21 +15,17 @@ same run.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from full_sdxl import conditioning, full_sdxl, import_comfyui, load_pack  # noqa: E402
+from full_sdxl import run_args, conditioning, full_sdxl, import_comfyui, load_pack  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--size", type=int, default=512)
-    args = ap.parse_args()
+    args = run_args(__doc__)
 
     comfy_nodes = import_comfyui()
     import torch

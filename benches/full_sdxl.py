@@ -3,6 +3,7 @@ and a full-size SDXL UNet with random weights (the same cost as SDXL Turbo; its 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ SDXL_UNET = dict(
     transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False,
     use_temporal_resblock=False,
 )
+
+
+def run_args(description: str) -> argparse.Namespace:
+    """The benches' command line: --reps (interleaved repetitions) and --size (image side in pixels)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--size", type=int, default=512)
+    return ap.parse_args()
 
 
 def import_comfyui():

@@ -30,23 +30,23 @@ def model(tiny):
     return tiny.tiny_model(seed=0)
 
 
+def _fresh_folder(tmp_path, monkeypatch, name: str):
+    """A new empty folder `tmp_path/name` that ComfyUI's `folder_paths.<name>_directory` points at."""
+    import folder_paths
+
+    folder = tmp_path / name
+    folder.mkdir()
+    monkeypatch.setattr(folder_paths, f"{name}_directory", str(folder))
+    return folder
+
+
 @pytest.fixture
 def output_dir(comfyui_path, tmp_path, monkeypatch):
     """ComfyUI's output folder, pointed at a fresh temporary folder for one test."""
-    import folder_paths
-
-    out = tmp_path / "output"
-    out.mkdir()
-    monkeypatch.setattr(folder_paths, "output_directory", str(out))
-    return out
+    return _fresh_folder(tmp_path, monkeypatch, "output")
 
 
 @pytest.fixture
 def input_dir(comfyui_path, tmp_path, monkeypatch):
     """ComfyUI's input folder, pointed at a fresh temporary folder for one test."""
-    import folder_paths
-
-    folder = tmp_path / "input"
-    folder.mkdir()
-    monkeypatch.setattr(folder_paths, "input_directory", str(folder))
-    return folder
+    return _fresh_folder(tmp_path, monkeypatch, "input")
