@@ -22,7 +22,10 @@ from .architectures import (
     TopKSAE,
     build,
 )
-from .blocks import PAPER_BLOCKS, SDXL_BLOCKS, Block, block_from_text, find_block, get_block
+from .blocks import (
+    ARCHS, FLUX, FLUX_BLOCKS, PAPER_BLOCKS, SDXL, SDXL_BLOCKS, Block, ModelArch, arch_of, block_from_text, find_block,
+    get_block,
+)
 from .errors import SAEError, SAEFormatError, UnsafePickleError
 from .formats import detect
 from .formats import load
@@ -39,7 +42,7 @@ from .training import TrainConfig, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHITECTURES", "BatchTopKSAE", "Block", "FeatureStats", "FeatureTable", "JumpReLUSAE", "PAPER_BLOCKS", "ReLUSAE",
+    "ARCHITECTURES", "ARCHS", "FLUX", "FLUX_BLOCKS", "ModelArch", "SDXL", "arch_of", "BatchTopKSAE", "Block", "FeatureStats", "FeatureTable", "JumpReLUSAE", "PAPER_BLOCKS", "ReLUSAE",
     "SAEConfig", "SAEError", "SAEFormatError", "SDXL_BLOCKS", "SparseAutoencoder", "SparseCodes", "TopKSAE",
     "UnsafePickleError", "block_from_text", "build", "detect", "find_block", "get_block", "load", "save",
     "ShardWriter", "done_images", "evaluate", "feature_stats", "features_index", "fvu", "iter_vectors", "metrics",

@@ -21,9 +21,9 @@ from . import detect, load, save
 from .errors import SAEError
 
 
-def _info(path: str, as_json: bool) -> int:
+def _info(path: str, as_json: bool, block: str | None = None) -> int:
     fmt, _ = detect(path)
-    sae = load(path)
+    sae = load(path, block=block)
     c = sae.config
     info = {
         "path": path,
@@ -33,9 +33,11 @@ def _info(path: str, as_json: bool) -> int:
         "n_features": c.n_features,
         "k": c.k,
         "block": c.block,
+        "block_arch": c.block_arch,
         "block_comfy": c.block_comfy,
         "block_diffusers": c.block_diffusers,
         "hook": c.hook,
+        "stream": c.stream,
         "base_model": c.base_model,
         "dtype": str(sae.dtype).replace("torch.", ""),
         "statistics": sae.stats.present(),
@@ -52,8 +54,8 @@ def _info(path: str, as_json: bool) -> int:
     return 0
 
 
-def _convert(src: str, dst: str) -> int:
-    sae = load(src)
+def _convert(src: str, dst: str, block: str | None = None) -> int:
+    sae = load(src, block=block)
     save(sae, dst)
     print(f"wrote {dst} ({sae.config.architecture}, d_in={sae.d_in}, n_features={sae.n_features})")
     return 0
@@ -146,9 +148,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("info", help="describe an SAE file or folder")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--block", help="the block the SAE reads, where its files do not name it (e.g. double.18)")
     p = sub.add_parser("convert", help="convert any readable SAE to the native .safetensors format")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--block", help="the block the SAE reads, where its files do not name it (e.g. double.18)")
 
     p = sub.add_parser("train", help="train the paper's TopK SAE on a dump folder")
     p.add_argument("dump")
@@ -196,9 +200,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
-            return _info(args.path, args.json)
+            return _info(args.path, args.json, args.block)
         if args.command == "convert":
-            return _convert(args.src, args.dst)
+            return _convert(args.src, args.dst, args.block)
         return {"train": _train, "stats": _stats, "eval": _eval}[args.command](args)
     except (SAEError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..blocks import find_block
 from ..errors import SAEFormatError
 from . import dictionary_learning, native, paper, saelens, sparsify
-from .common import load_safetensors
+from .common import base_model_of, load_safetensors
 
 # Folder layouts, tried in this order: (format name, module, marker files that must all exist).
 _FOLDER_LAYOUTS = (
@@ -58,8 +59,9 @@ def _detect_folder(folder: Path) -> str | None:
     return None
 
 
-def load(path):
-    """Read an SAE in any supported format."""
+def load(path, block: str | None = None):
+    """Read an SAE in any supported format. `block` names the block it reads where its files do not (the
+    paper's FLUX release names none), or overrides what they name."""
     fmt, target = detect(path)
     if fmt == "native":
         tensors, meta = load_safetensors(target)
@@ -69,8 +71,17 @@ def load(path):
                 "safetensors file without comfyui-sae metadata; SAELens and sparsify files are read from their "
                 "folder together with cfg.json",
             )
-        return native.from_loaded(target, tensors, meta)
-    return _READERS[fmt].load(target)
+        sae = native.from_loaded(target, tensors, meta)
+    else:
+        sae = _READERS[fmt].load(target)
+    if block:
+        found = find_block(block)
+        if found is None:
+            raise SAEFormatError(target, f"unknown block {block!r}")
+        sae.config.block = found.short
+        if sae.config.base_model is None:
+            sae.config.base_model = base_model_of(found)
+    return sae
 
 
 def list_saes(root) -> list[str]:

@@ -104,6 +104,14 @@ def block_of(folder: Path, hint=None) -> str | None:
     return block.short if block else None
 
 
+def base_model_of(block) -> str | None:
+    """The model a released SAE of this block was trained on, as the releases of the paper say: SDXL Turbo
+    for SDXL's blocks, FLUX.1 for FLUX's."""
+    if block is None:
+        return None
+    return {"sdxl": "sdxl-turbo", "flux": "flux.1"}.get(block.arch)
+
+
 def reader_config(source_format: str, folder: Path, *, block_hint=None, base_model=None, hyperparameters: dict,
                   **fields) -> SAEConfig:
     """The SAEConfig of an SAE read from a library's folder: `fields` (architecture, sizes, ...), the block

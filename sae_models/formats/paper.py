@@ -1,9 +1,14 @@
-"""Reader of the paper's release (surkovv/sdxl-unbox, `checkpoints/<block>_k10_hidden5120_.../final/`).
+"""Reader of the paper's releases: the SDXL SAEs (surkovv/sdxl-unbox, `checkpoints/<block>_k10_hidden5120_...
+/final/`) and the FLUX SAE (the files at the root of the model repo `antoniomari/SAE_flux_18`, or a
+`<block>_k20_hidden12288_.../final/` training folder).
 
 `config.json` {n_dirs_local, d_model, k, auxk, dead_steps_threshold}; `state_dict.pth` = torch pickle of
 {"state_dict": {encoder.weight [n, d], decoder.weight [d, n], pre_bias [d], latent_bias [n],
-stats_last_nonzero [n]}}; `mean.pt`, `std.pt` per-feature statistics of active activations.
-The block is read from the folder name (`unet.down_blocks.2.attentions.1_k10_...`).
+stats_last_nonzero [n]}} (or that dict itself); `mean.pt` (and for the SDXL SAEs `std.pt`), per-feature
+statistics of active activations. The block is read from a `block` or `hookpoint` key of the config when
+there is one, else from the folder's name (`unet.down_blocks.2.attentions.1_k10_...`,
+`transformer.transformer_blocks.18_k20_...`, `SAE_flux_18`); where neither names it, `sae_models.load(path,
+block=...)` or the node's block choice does.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from pathlib import Path
 
 from ..architectures import SparseAutoencoder
 from ..errors import SAEFormatError
+from ..blocks import find_block
 from ..metadata import FeatureStats
-from .common import assemble, load_pickle, read_json, reader_config, require
+from .common import assemble, base_model_of, block_of, load_pickle, read_json, reader_config, require
 
 NAME = "paper"
 CONFIG_KEYS = ("n_dirs_local", "d_model", "k")
@@ -49,8 +55,11 @@ def load(path) -> SparseAutoencoder:
         raise SAEFormatError(sd_path, f"expected a dict of tensors, found {type(loaded).__name__}")
 
     hyper = {key: cfg[key] for key in ("auxk", "dead_steps_threshold") if key in cfg}
-    config = reader_config(NAME, folder, base_model="sdxl-turbo", hyperparameters=hyper, architecture="topk", d_in=d,
-                           n_features=n, k=k, apply_b_dec_to_input=True)
+    hint = next((cfg[key] for key in ("block", "hookpoint") if isinstance(cfg.get(key), str)), None)
+    block = block_of(folder, hint)
+    config = reader_config(NAME, folder, block_hint=hint, base_model=base_model_of(find_block(block or "")),
+                           hyperparameters=hyper, architecture="topk", d_in=d, n_features=n, k=k,
+                           apply_b_dec_to_input=True)
     stats = FeatureStats()
     for name, attr in (("mean.pt", "mean"), ("std.pt", "std")):
         if (folder / name).is_file():

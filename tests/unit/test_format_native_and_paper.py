@@ -234,3 +234,52 @@ def test_cli_info_and_convert(tmp_path, capsys):
     assert sae_models.detect(dst)[0] == "native"
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def write_flux_release(folder: Path, n=96, d=24, k=20):
+    """The paper's FLUX SAE as its model repo holds it: config.json, state_dict.pth ({"state_dict": ...}) and
+    mean.pt at the root, no std.pt."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"n_dirs_local": n, "d_model": d, "k": k, "auxk": 256,
+                                                    "dead_steps_threshold": 2441}))
+    sd = {"encoder.weight": torch.randn(n, d), "decoder.weight": torch.randn(d, n), "pre_bias": torch.randn(d),
+          "latent_bias": torch.randn(n), "stats_last_nonzero": torch.zeros(n, dtype=torch.int64)}
+    torch.save({"state_dict": sd}, folder / "state_dict.pth")
+    torch.save(torch.rand(n) * 10, folder / "mean.pt")
+    return sd
+
+
+def test_the_papers_flux_release_at_a_repos_root(tmp_path):
+    sd = write_flux_release(tmp_path / "SAE_flux_18")
+    sae = sae_models.load(tmp_path / "SAE_flux_18")
+    c = sae.config
+    assert (c.block, c.block_arch, c.block_comfy, c.k, c.n_features, c.base_model) == (
+        "double.18", "flux", "double_blocks.18", 20, 96, "flux.1")
+    assert sae.stats.std is None and torch.equal(sae.stats.mean, torch.load(tmp_path / "SAE_flux_18" / "mean.pt"))
+    x = torch.randn(10, 24)
+    pre = (x - sd["pre_bias"]) @ sd["encoder.weight"].T + sd["latent_bias"]
+    vals, idx = pre.topk(20, dim=-1)
+    assert torch.allclose(sae.encode(x), torch.zeros_like(pre).scatter(-1, idx, vals.relu()), atol=1e-5)
+
+
+def test_the_papers_flux_training_folder_and_a_block_given_by_hand(tmp_path):
+    write_flux_release(tmp_path / "transformer.transformer_blocks.18_k20_hidden12288_auxk256_bs4096_lr0.0001" / "final")
+    assert sae_models.load(tmp_path / "transformer.transformer_blocks.18_k20_hidden12288_auxk256_bs4096_lr0.0001"
+                           ).config.block == "double.18"
+    write_flux_release(tmp_path / "downloaded")
+    assert sae_models.load(tmp_path / "downloaded").config.block is None  # nothing names it
+    sae = sae_models.load(tmp_path / "downloaded", block="single.4")
+    assert (sae.config.block, sae.config.base_model) == ("single.4", "flux.1")
+    with pytest.raises(SAEFormatError, match="unknown block 'double.99'"):
+        sae_models.load(tmp_path / "downloaded", block="double.99")
+
+
+def test_cli_names_the_block_of_an_sae_whose_files_do_not(tmp_path, capsys):
+    from sae_models.__main__ import main
+
+    write_flux_release(tmp_path / "downloaded")
+    assert main(["convert", str(tmp_path / "downloaded"), str(tmp_path / "flux.safetensors"), "--block", "double.18"]) == 0
+    assert main(["info", str(tmp_path / "flux.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert (info["block"], info["block_arch"], info["block_comfy"], info["stream"]) == (
+        "double.18", "flux", "double_blocks.18", "image")
