@@ -161,7 +161,8 @@ class DumpActivations(io.ComfyNode):
                                 "folder the server's owner registered (see README). Several processes or "
                                 "machines may dump into the same folder."),
                 io.String.Input("blocks", default="paper",
-                                tooltip="'paper' (down.2.1, mid.0, up.0.0, up.0.1) or block names, e.g. 'down.2.1 up.0.1'."),
+                                tooltip="'paper' (SDXL: down.2.1, mid.0, up.0.0, up.0.1; FLUX: double.18) or block "
+                                "names, e.g. 'down.2.1 up.0.1' or 'double.18 single.10'."),
                 io.String.Input("steps", default="all", tooltip="'all', or step indices such as '0' or '0, 2-3'."),
                 io.Combo.Input("apply_to", options=TARGET_CHOICES, default="cond",
                                tooltip="Rows to dump: positive (cond), negative (uncond) or both. SDXL Turbo at "
@@ -184,12 +185,12 @@ class DumpActivations(io.ComfyNode):
     @classmethod
     def execute(cls, model, folder, blocks, steps, apply_to, fields, dtype, rows_per_shard, writer_id="") -> io.NodeOutput:
         path = paths.dump_folder(DUMP, "folder", folder)
-        blks = parse_blocks(DUMP, blocks)
+        blks = parse_blocks(DUMP, blocks, model)
         channels = {}
         for b in blks:
             c = block_channels(model, b)
             if c is None:
-                raise NodeInputError(DUMP, f"the MODEL has no transformer block {b.comfy} ({b.short}); is it SDXL?")
+                raise NodeInputError(DUMP, f"the MODEL has no transformer block {b.comfy} ({b.short})")
             channels[b.short] = c
         writer_id = (writer_id or "").strip()
         if writer_id and not all(ch.isalnum() or ch in "_.-" for ch in writer_id):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..sae_models import steering
 from .patch import Edit
 from .sae_handle import SAEHandle
+from .schema import PAINT_BOTH
 
 
 def mask_weights(mask: torch.Tensor | None, images: list[int], h: int, w: int, device) -> torch.Tensor:
@@ -38,7 +39,8 @@ class SAEEdit(Edit):
         raise NotImplementedError
 
     def apply(self, update, info):
-        rows = info.rows(self.target)
+        signed = self.target == PAINT_BOTH
+        rows = info.rows("both" if signed else self.target)
         if not rows:
             return None
         B, H, W, C = update.shape
@@ -46,6 +48,9 @@ class SAEEdit(Edit):
         w = mask_weights(self.mask, [info.row_image[r] for r in rows], H, W, sae.device)
         if not bool(w.any()):
             return None
+        if signed:  # the uncond rows get the edit with the opposite sign
+            sign = torch.tensor([-1.0 if info.row_kind[r] == 1 else 1.0 for r in rows], device=w.device)
+            w = w * sign[:, None, None]
         u = update[rows].to(sae.device, sae.dtype).reshape(-1, C)
         new = self.edit_rows(u, w.reshape(-1)).reshape(len(rows), H, W, C)
         out = update.clone()

@@ -71,9 +71,11 @@ def check_mask(node: str, mask) -> torch.Tensor | None:
 
 
 def sigma_range(node: str, model, start_percent: float, end_percent: float) -> tuple[float, float]:
-    """Convert a start/end percent of denoising into sigmas with the model's own schedule."""
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise NodeInputError(node, f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
+    """Convert a start/end percent of denoising into sigmas with the model's own schedule. The steps from
+    start_percent up to, not including, end_percent are edited (end_percent 1 reaches the last step), as
+    the paper's start and end step indices select steps start <= i < end."""
+    if not (0.0 <= start_percent < end_percent <= 1.0):
+        raise NodeInputError(node, f"need 0 <= start_percent < end_percent <= 1, got {start_percent}, {end_percent}")
     ms = model.get_model_object("model_sampling")
     start = math.inf if start_percent <= 0.0 else float(ms.percent_to_sigma(start_percent))
     end = 0.0 if end_percent >= 1.0 else float(ms.percent_to_sigma(end_percent))

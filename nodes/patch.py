@@ -2,11 +2,12 @@
 
 Every probing, steering and dumping node adds an *edit* to a MODEL through `attach_edit`. The edits of a
 MODEL live in one immutable `BlockPatch`, registered on the ModelPatcher as a keyed DIFFUSION_MODEL
-wrapper. For the duration of one call of the UNet, the wrapper puts a forward hook on each transformer
-block that has edits; the hook reads the block's input and output, hands the update (output minus
-input; in float32 for half-precision UNets) to the edits in the order they were added, and returns the
-output plus what the edits changed (so what no edit touched keeps its exact value). The hooks are
-removed in `finally`, so none survives the call, an exception or an interrupt.
+wrapper. For the duration of one call of the diffusion model (SDXL's UNet, FLUX's transformer), the
+wrapper puts a forward hook on each transformer block that has edits; the hook reads the block's input
+and output as a grid of image positions (`block_io`), hands the update (output minus input; in float32
+for half-precision models) to the edits in the order they were added, and returns the output plus what
+the edits changed (so what no edit touched keeps its exact value). The hooks are removed in `finally`,
+so none survives the call, an exception or an interrupt.
 
 A ModelPatcher clone shares the wrapper object (ComfyUI copies wrapper lists shallowly), and adding an
 edit builds a new BlockPatch on the new clone only, so the parent MODEL and its other clones are never
@@ -24,8 +25,10 @@ import torch
 from comfy.patcher_extension import WrappersMP
 
 from ..sae_models.blocks import Block
+from .block_io import IO_BY_KIND, Layout
 
 KEY = "comfyui-sae-unbox"
+SIGMA_TOLERANCE = 1e-5
 
 
 @dataclass
@@ -66,7 +69,7 @@ class CallInfo:
 class Edit:
     """Base of everything that hooks a block. Subclasses implement `apply`.
 
-    `target` picks cond, uncond or both rows; an edit is active while `sigma_end <= sigma <= sigma_start`
+    `target` picks cond, uncond or both rows; an edit is active while `sigma_end < sigma <= sigma_start`
     (the nodes derive these from start/end percent with the model's own sampling schedule).
     """
 
@@ -81,9 +84,13 @@ class Edit:
     needs_block_input = False
 
     def active(self, info: CallInfo) -> bool:
+        """In the edit's range: from `sigma_start` (included) down to `sigma_end` (excluded), as the paper's
+        step indices run from a start step to an end step that is not edited; a step whose sigma equals a
+        bound up to float rounding (1e-5) counts as on it."""
         if math.isnan(info.sigma):
             return True
-        return self.sigma_end <= info.sigma <= self.sigma_start
+        slack = 1.0 + SIGMA_TOLERANCE
+        return self.sigma_end * slack < info.sigma <= self.sigma_start * slack
 
     def sae_handles(self) -> tuple:
         """The SAEs this edit uses (attached to the MODEL so ComfyUI manages their memory)."""
@@ -108,12 +115,17 @@ class BlockPatch:
     def __call__(self, executor, x, *args, **kwargs):
         transformer_options = _find_transformer_options(args, kwargs)
         info = CallInfo.from_call(x, transformer_options)
-        unet = executor.class_obj
+        model = executor.class_obj
+        # (x, timesteps, context, ...) for SDXL's UNet and FLUX alike
+        layout = Layout.of_call(model, x, args[1] if len(args) > 1 else kwargs.get("context"))
         handles = []
         try:
             for path, edits in self._by_block.items():
-                module = unet.get_submodule(path)
-                handles.append(module.register_forward_hook(_BlockHook(edits, info), with_kwargs=True))
+                module = model.get_submodule(path)
+                hook = _BlockHook(edits, info, IO_BY_KIND[edits[0].block.kind], layout)
+                if hook.io.needs_copy:
+                    handles.append(module.register_forward_pre_hook(hook.before, with_kwargs=True))
+                handles.append(module.register_forward_hook(hook.after, with_kwargs=True))
             return executor(x, *args, **kwargs)
         finally:
             for h in handles:
@@ -125,21 +137,26 @@ class NonFiniteEdit(RuntimeError):
 
 
 class _BlockHook:
-    def __init__(self, edits, info: CallInfo):
-        self.edits = edits
-        self.info = info
+    def __init__(self, edits, info: CallInfo, io, layout: Layout):
+        self.edits, self.info, self.io, self.layout = edits, info, io, layout
+        self.saved = None
 
-    def __call__(self, module, args, kwargs, output):
-        x_in = args[0] if args else kwargs["x"]
-        # Half-precision UNets: the edits see the update in float32 (the exact difference of two halves).
-        work = torch.float32 if output.dtype in (torch.float16, torch.bfloat16) else output.dtype
-        original = (output.to(work) - x_in.to(work)).permute(0, 2, 3, 1)  # [B, H, W, C]
+    def before(self, module, args, kwargs):
+        self.saved = self.io.capture(args, kwargs, self.layout)  # the block may overwrite its input
+        return None
+
+    def after(self, module, args, kwargs, output):
+        saved, self.saved = self.saved, None
+        x_in, out = self.io.grids(saved, args, kwargs, output, self.layout)  # [B, h, w, C]
+        # Half-precision models: the edits see the update in float32 (the exact difference of two halves).
+        work = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
+        original = out.to(work) - x_in.to(work)
         update, changed_by = original, []
         for edit in self.edits:
             if not edit.active(self.info):
                 continue
             if edit.needs_block_input:
-                new = edit.apply(update, self.info, block_input=x_in.permute(0, 2, 3, 1))
+                new = edit.apply(update, self.info, block_input=x_in)
             else:
                 new = edit.apply(update, self.info)
             if new is not None:
@@ -148,10 +165,11 @@ class _BlockHook:
         if not changed_by:
             return None  # leave the block's output untouched (bit-identical)
         # The output plus what the edits changed: positions no edit touched keep their exact output values.
-        out = output + (update - original).permute(0, 3, 1, 2).to(output.dtype)
-        if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(output).all()):
-            raise NonFiniteEdit(_non_finite_message(changed_by, output.dtype))
-        return out
+        delta = update - original
+        edited = out + delta.to(out.dtype)
+        if not bool(torch.isfinite(edited).all()) and bool(torch.isfinite(out).all()):
+            raise NonFiniteEdit(_non_finite_message(changed_by, out.dtype))
+        return self.io.write(output, delta, self.layout)
 
 
 def _non_finite_message(edits, dtype: torch.dtype) -> str:
@@ -164,7 +182,8 @@ def _non_finite_message(edits, dtype: torch.dtype) -> str:
 
 
 def _find_transformer_options(args, kwargs) -> dict:
-    # DIFFUSION_MODEL wrappers are called as (x, timesteps, context, y, control, transformer_options, **kw)
+    # DIFFUSION_MODEL wrappers are called as (x, timesteps, context, y, control, transformer_options, **kw) on
+    # SDXL's UNet and (x, timestep, context, y, guidance, ref_latents, control, transformer_options) on FLUX
     if "transformer_options" in kwargs:
         return kwargs["transformer_options"]
     for a in args:

@@ -8,7 +8,7 @@ from ..sae_models.steering import MODES
 from .errors import NodeInputError
 from .inputs import check_mask, check_strength, parse_features, sigma_range
 from .models import resolve_block
-from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE, TARGET_CHOICES
+from .schema import AUTO, BLOCK_CHOICES, CATEGORY, PAINT_BOTH, SAE, STEER_TARGETS, TARGET_CHOICES
 from .edits import ReconstructEdit, SteerEdit
 from .patch import attach_edit
 
@@ -17,14 +17,18 @@ RECONSTRUCT = "SAE Reconstruct Block"
 UNITS = ["mean activation", "absolute"]
 
 
-def _range_inputs():
+def _range_inputs(targets=TARGET_CHOICES):
     return [
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Start of the edit, as a fraction of denoising (0 = first step)."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="End of the edit, as a fraction of denoising (1 = last step)."),
-        io.Combo.Input("apply_to", options=TARGET_CHOICES, default="cond",
-                       tooltip="Edit the positive (cond) rows, the negative (uncond) rows of CFG, or both."),
+                       tooltip="End of the edit, as a fraction of denoising: steps from start_percent up to, not "
+                       "including, end_percent are edited (1 = through the last step; with n steps, i/n is "
+                       "step i, as the paper's step indices)."),
+        io.Combo.Input("apply_to", options=targets, default="cond",
+                       tooltip="Edit the positive (cond) rows, the negative (uncond) rows of CFG, or both"
+                       + (f"; '{PAINT_BOTH}': add to cond and subtract from uncond (the paper's paint on SDXL "
+                          "base, mode add)." if PAINT_BOTH in targets else ".")),
         io.Mask.Input("mask", optional=True,
                       tooltip="Where to edit. Any size: it is averaged over the block's grid "
                               "(16x16 for the paper's blocks at 512x512)."),
@@ -55,7 +59,7 @@ class SteerFeatures(io.ComfyNode):
                 io.Combo.Input("units", options=UNITS, default=UNITS[0],
                                tooltip="'mean activation' multiplies strengths by the feature's mean activation "
                                        "(from the SAE's statistics); 'absolute' uses them as raw codes."),
-                *_range_inputs(),
+                *_range_inputs(STEER_TARGETS),
             ],
             outputs=[io.Model.Output()],
         )
@@ -67,6 +71,9 @@ class SteerFeatures(io.ComfyNode):
         strength = check_strength(STEER, "strength", strength)
         feats, strengths = parse_features(STEER, features, sae.sae.n_features, strength)
         mask = check_mask(STEER, mask)
+        if apply_to == PAINT_BOTH and mode != "add":
+            raise NodeInputError(STEER, f"apply_to '{PAINT_BOTH}' (the paper's paint on SDXL base) goes with mode "
+                                        f"add, not {mode}")
         if mode == "ablate":
             amounts = strengths  # the fraction of each feature's contribution to remove
         elif units == UNITS[0]:

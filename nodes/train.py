@@ -13,7 +13,7 @@ import comfy.model_management
 import comfy.utils
 
 from ..sae_models import shards
-from ..sae_models.blocks import SHORT_NAMES
+from ..sae_models.blocks import SDXL, SHORT_NAMES, arch_of
 from ..sae_models.pipeline import train_on_dump
 from . import paths
 from .errors import NodeInputError, validation_answer
@@ -65,8 +65,10 @@ class TrainSAE(io.ComfyNode):
                                 tooltip="A folder written by SAE Dump Images: under the output folder, or "
                                 "'<name>/<path>' in a registered dump folder."),
                 io.Combo.Input("block", options=[ONLY_BLOCK, *SHORT_NAMES], default=ONLY_BLOCK),
-                io.Int.Input("n_features", default=5120, min=1, max=1 << 20),
-                io.Int.Input("k", default=10, min=1, max=4096),
+                io.Int.Input("n_features", default=0, min=0, max=1 << 20,
+                             tooltip="Features of the SAE; 0 = the paper's for the dump's model (SDXL 5120, FLUX 12288)."),
+                io.Int.Input("k", default=0, min=0, max=4096,
+                             tooltip="Active features per vector; 0 = the paper's (SDXL 10, FLUX 20)."),
                 io.Combo.Input("architecture", options=ARCHS, default="topk"),
                 io.Int.Input("max_tokens", default=0, min=0, max=1 << 40,
                              tooltip="Stop after this many vectors; 0 = one pass over the training split."),
@@ -97,10 +99,13 @@ class TrainSAE(io.ComfyNode):
     def execute(cls, dump_folder, block, n_features, k, architecture, max_tokens, batch_size, lr, eval_fraction,
                 seed, save_name, overwrite) -> io.NodeOutput:
         out = _output_path(NODE, save_name, overwrite)
-        if k > n_features:
-            raise NodeInputError(NODE, f"k={k} is larger than n_features={n_features}")
         folder = paths.dump_folder(NODE, "dump_folder", dump_folder)
         blk = _dump_block(NODE, folder, block)
+        arch = arch_of(blk)
+        n_features = n_features or (arch.n_features if arch else SDXL.n_features)
+        k = k or (arch.k if arch else SDXL.k)
+        if k > n_features:
+            raise NodeInputError(NODE, f"k={k} is larger than n_features={n_features}")
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         progress = _Progress(node_id)
         checkpoints = os.path.join(folder, "checkpoints", os.path.basename(out).removesuffix(".safetensors"))
@@ -109,7 +114,7 @@ class TrainSAE(io.ComfyNode):
             with torch.inference_mode(False), torch.enable_grad():
                 done = train_on_dump(folder, out, block=blk, eval_fraction=eval_fraction, n_features=n_features, k=k,
                                      architecture=architecture, batch_size=batch_size, lr=lr,
-                                     max_tokens=max_tokens or None, seed=seed, base_model="sdxl",
+                                     max_tokens=max_tokens or None, seed=seed, base_model=arch.name if arch else None,
                                      checkpoint_dir=checkpoints, remove_checkpoints=True, callback=progress,
                                      log_every=1)
         except shards.DumpFormatError as e:

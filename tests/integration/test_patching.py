@@ -279,7 +279,8 @@ def test_reconstruct_keep_error_is_nearly_identity_and_without_is_not(pk, tiny, 
     (dict(block="down.1.0"), r"SAE Steer Features: SAE test-mid.0 has d_in=128 but block down.1.0 .* has 64"),
     (dict(features="300"), r"SAE Steer Features: feature 300 is out of range: the SAE has features 0..255"),
     (dict(features="1, x"), r"SAE Steer Features: cannot read feature 'x'"),
-    (dict(start=0.8, end=0.2), r"SAE Steer Features: need 0 <= start_percent <= end_percent <= 1"),
+    (dict(start=0.8, end=0.2), r"SAE Steer Features: need 0 <= start_percent < end_percent <= 1"),
+    (dict(start=0.5, end=0.5), r"SAE Steer Features: need 0 <= start_percent < end_percent <= 1"),
 ])
 def test_bad_input_is_refused_before_sampling(pk, model, kwargs, message):
     h = make_sae(pk, "mid.0")

@@ -11,7 +11,8 @@ _SUPPORT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # throu
 if _SUPPORT not in sys.path:
     sys.path.insert(0, _SUPPORT)
 
-import tiny_sdxl  # noqa: E402  (ComfyUI imports this pack under a path-based name; import by folder)
+import tiny_flux  # noqa: E402  (ComfyUI imports this pack under a path-based name; import by folder)
+import tiny_sdxl  # noqa: E402
 
 
 class TinySDXLCheckpointLoader:
@@ -57,6 +58,59 @@ class TinyMaskOfShape:
         return (torch.full(dims, float(value)),)
 
 
-NODE_CLASS_MAPPINGS = {"TinySDXLCheckpointLoader": TinySDXLCheckpointLoader, "TinyMaskOfShape": TinyMaskOfShape}
-NODE_DISPLAY_NAME_MAPPINGS = {"TinySDXLCheckpointLoader": "Tiny SDXL Checkpoint Loader (tests)",
-                              "TinyMaskOfShape": "Tiny Mask Of Shape (tests)"}
+class TinyFluxUNETLoader:
+    """MODEL like UNETLoader on a FLUX.1 file: tests/support/tiny_flux.py's model, FLUX.1-schnell's class or
+    FLUX.1-dev's."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": ("STRING", {"default": "tiny"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "variant": (["schnell", "dev"], {"default": "schnell"}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, unet_name, seed=0, variant="schnell"):
+        return (tiny_flux.tiny_flux_model(seed, variant),)
+
+
+class TinyFluxDualCLIPLoader:
+    """CLIP like DualCLIPLoader with type flux (CLIP-L + T5-XXL): a stand-in with FLUX's conditioning layout."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, seed=0):
+        return (tiny_flux.TinyFluxCLIP(seed),)
+
+
+class TinyFluxVAELoader:
+    """VAE like VAELoader on FLUX's ae.safetensors: 16 latent channels, 8x compression, small widths."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, seed=0):
+        return (tiny_flux.tiny_flux_vae(seed),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "TinySDXLCheckpointLoader": TinySDXLCheckpointLoader, "TinyMaskOfShape": TinyMaskOfShape,
+    "TinyFluxUNETLoader": TinyFluxUNETLoader, "TinyFluxDualCLIPLoader": TinyFluxDualCLIPLoader,
+    "TinyFluxVAELoader": TinyFluxVAELoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {name: f"{name} (tests)" for name in NODE_CLASS_MAPPINGS}
