@@ -186,6 +186,10 @@ class TopFeatures(io.ComfyNode):
                                 tooltip="The JSON is saved to the output folder under this prefix; empty: not saved."),
                 io.Mask.Input("mask", optional=True, tooltip="Rank by mean activation inside this mask."),
                 *_view_inputs(),
+                io.Float.Input("hide_above_frequency", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Leave out features active on more than this fraction of all vectors "
+                               "(the SAE's statistics): the always-on features that top every ranking (the "
+                               "paper's FLUX demo hides 20). 1 = hide none."),
             ],
             outputs=[io.Image.Output(display_name="grid"), io.String.Output(display_name="json")],
             is_output_node=True,
@@ -193,7 +197,7 @@ class TopFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, probe, image, top_n, block, step, image_index, columns, colormap, alpha, filename_prefix,
-                mask=None, rows=ROW_VIEWS[0], cfg=DEFAULT_CFG) -> io.NodeOutput:
+                mask=None, rows=ROW_VIEWS[0], cfg=DEFAULT_CFG, hide_above_frequency=1.0) -> io.NodeOutput:
         if top_n < 1:
             raise NodeInputError(TOP, f"top_n must be at least 1, got {top_n}")
         save_to = _json_prefix(filename_prefix)
@@ -208,7 +212,9 @@ class TopFeatures(io.ComfyNode):
         if image_index >= all_means.shape[0]:
             raise NodeInputError(TOP, f"image_index {image_index} but only {all_means.shape[0]} images were recorded")
         means = all_means[image_index]
-        order = means.argsort(descending=True)[: min(top_n, int((means > 0).sum()) or 1)]
+        hidden = _always_on(rec, hide_above_frequency)
+        ranked = means.masked_fill(hidden, float("-inf")) if hidden is not None else means
+        order = ranked.argsort(descending=True)[: min(top_n, int((ranked > 0).sum()) or 1)]
         stats_mean = rec.handle.mean
         index = rec.handle.features_index()
         pbar = comfy.utils.ProgressBar(len(order))
@@ -245,6 +251,8 @@ class TopFeatures(io.ComfyNode):
             "ranked_over": "mask" if mask is not None else "image",
             "rows": rows,
             **({"cfg": cfg} if rows == "cfg combined" else {}),
+            **({"hidden_above_frequency": hide_above_frequency, "hidden_features": hidden.nonzero()[:, 0].tolist()}
+               if hidden is not None else {}),
             "features": ranking,
         }
         if index is not None and index.get("dump"):
@@ -262,6 +270,20 @@ class TopFeatures(io.ComfyNode):
         except NodeInputError as e:
             return str(e)
         return True
+
+
+def _always_on(rec: ProbeRecorder, threshold: float) -> torch.Tensor | None:
+    """Features active on more than `threshold` of all vectors by the SAE's statistics (None: hide none)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise NodeInputError(TOP, f"hide_above_frequency must be between 0 and 1, got {threshold!r}")
+    if threshold >= 1.0:
+        return None
+    frequency = rec.handle.sae.stats.frequency
+    if frequency is None:
+        raise NodeInputError(TOP, f"SAE {rec.handle.name} has no frequency statistics to tell always-on features "
+                                  "by; compute them over a dump with 'python -m sae_models stats <sae> <dump>', or set "
+                                  "hide_above_frequency to 1")
+    return frequency.float().cpu() > threshold
 
 
 def _json_prefix(prefix: str | None) -> str | None:

@@ -272,3 +272,27 @@ def test_the_train_node_defaults_to_the_papers_flux_sae_size(pk, flux, fmodel, t
                                             "paper_size", False)
     sae = out.args[0].sae
     assert (sae.n_features, sae.config.k, sae.config.block) == (12288, 20, "single.3")
+
+
+def test_top_features_can_leave_out_always_on_features(pk, flux, fmodel):
+    h = make_sae(pk, "double.18", seed=9)
+    probed, probes = pk.N["UnboxProbeBlock"].execute(fmodel, h, AUTO, "all", "cond").args
+    fsample(flux, probed)
+    image = torch.rand(1, 128, 128, 3)
+
+    def ranking(hide):
+        out = pk.N["UnboxTopFeatures"].execute(probes, image, 5, "first probed block", -1, 0, 3, "inferno", 0.6, "",
+                                               hide_above_frequency=hide)
+        return json.loads(out.args[1])
+
+    first = ranking(1.0)
+    top = first["features"][0]["feature"]
+    h.sae.stats.frequency[:] = 0.1
+    h.sae.stats.frequency[top] = 0.97  # fires nearly everywhere: an always-on feature
+    hidden = ranking(0.9)
+    assert hidden["hidden_features"] == [top] and top not in [f["feature"] for f in hidden["features"]]
+    # the rest of the ranking moves up by one
+    assert [f["feature"] for f in hidden["features"]][:4] == [f["feature"] for f in first["features"]][1:5]
+    h.sae.stats.frequency = None
+    with pytest.raises(ValueError, match="has no frequency statistics to tell always-on features by"):
+        ranking(0.5)
