@@ -239,8 +239,8 @@ def _stop(process: subprocess.Popen) -> None:
 def _serve(comfyui_path: Path, root: Path, frontend: bool, extra_args: tuple = ()):
     """A headless ComfyUI server (CPU) with the pack and the tiny test nodes under `root`; stopped after.
     `extra_args` go to main.py (e.g. `--fp16-unet`)."""
-    names = ("custom_nodes", "checkpoints", "sae", "output", "input", "temp", "user", "frontend", "bigdisk",
-             "yamldisk")
+    names = ("custom_nodes", "checkpoints", "diffusion_models", "sae", "output", "input", "temp", "user", "frontend",
+             "bigdisk", "yamldisk")
     dirs = {n: root / n for n in names}
     for d in dirs.values():
         d.mkdir()
@@ -251,7 +251,8 @@ def _serve(comfyui_path: Path, root: Path, frontend: bool, extra_args: tuple = (
     (dirs["custom_nodes"] / "tiny_nodes").symlink_to(SUPPORT / "tiny_nodes", target_is_directory=True)
     yaml_path = root / "extra_model_paths.yaml"
     yaml_path.write_text("comfyui_sae_tests:\n" + "".join(
-        f"  {key}: {dirs[key]}\n" for key in ("custom_nodes", "checkpoints", "sae")) + f"  sae_dumps: {dirs['yamldisk']}\n")
+        f"  {key}: {dirs[key]}\n" for key in ("custom_nodes", "checkpoints", "diffusion_models", "sae"))
+        + f"  sae_dumps: {dirs['yamldisk']}\n")
     port = _free_port()
     cmd = [sys.executable, str(comfyui_path / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--extra-model-paths-config", str(yaml_path),
