@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_files import CHECKPOINT_NAME as CHECKPOINT  # noqa: E402
+from model_files import FLUX_SAE_FOLDER, SDXL_BASE_NAME  # noqa: E402
 from model_files import PAPER_SAE_FOLDERS as PAPER_SAES  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "example_workflows"
@@ -20,6 +21,11 @@ AUTO = "auto (the SAE's block)"
 # Output sockets of the node types used here: (name, type).
 OUTPUTS = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "UNETLoader": [("MODEL", "MODEL")],
+    "DualCLIPLoader": [("CLIP", "CLIP")],
+    "VAELoader": [("VAE", "VAE")],
+    "CLIPTextEncodeFlux": [("CONDITIONING", "CONDITIONING")],
+    "EmptySD3LatentImage": [("LATENT", "LATENT")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
     "EmptyLatentImage": [("LATENT", "LATENT")],
     "KSampler": [("LATENT", "LATENT")],
@@ -41,6 +47,7 @@ OUTPUTS = {
 # Socket (non-widget) inputs: (name, type).
 INPUTS = {
     "CLIPTextEncode": [("clip", "CLIP")],
+    "CLIPTextEncodeFlux": [("clip", "CLIP")],
     "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                  ("latent_image", "LATENT")],
     "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")],
@@ -100,18 +107,46 @@ class Graph:
         }
 
 
-def base(g: Graph, prompt: str, x=0):
-    ckpt = g.add("CheckpointLoaderSimple", [CHECKPOINT], (x, 0))
+def base(g: Graph, prompt: str, x=0, checkpoint=CHECKPOINT, size=512, negative="Negative (unused at cfg 1)"):
+    ckpt = g.add("CheckpointLoaderSimple", [checkpoint], (x, 0))
     pos = g.add("CLIPTextEncode", [prompt], (x + 380, 0), title="Prompt", clip=(ckpt, 1))
-    neg = g.add("CLIPTextEncode", [""], (x + 380, 220), title="Negative (unused at cfg 1)", clip=(ckpt, 1))
-    latent = g.add("EmptyLatentImage", [512, 512, 1], (x + 380, 420))
+    neg = g.add("CLIPTextEncode", [""], (x + 380, 220), title=negative, clip=(ckpt, 1))
+    latent = g.add("EmptyLatentImage", [size, size, 1], (x + 380, 420))
     return ckpt, pos, neg, latent
 
 
-def sample(g: Graph, model, pos, neg, latent, vae, prefix, x, seed=42, seed_link=None):
-    # SDXL Turbo: one step, no classifier-free guidance (cfg 1), as in the paper.
+def flux_base(g: Graph, prompt: str):
+    """FLUX.1-schnell loaded as ComfyUI users do; the prompt goes to T5, CLIP-L gets an empty prompt (as the
+    paper's FLUX pipeline); 1024x1024 as the paper's FLUX demo (64x64 image tokens)."""
+    unet = g.add("UNETLoader", ["flux1-schnell.safetensors", "default"], (0, 0))
+    clip = g.add("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"], (0, 160))
+    vae = g.add("VAELoader", ["ae.safetensors"], (0, 360))
+    pos = g.add("CLIPTextEncodeFlux", ["", prompt, 3.5], (380, 0), title="Prompt (T5)", clip=(clip, 0))
+    neg = g.add("CLIPTextEncodeFlux", ["", "", 3.5], (380, 260), title="Negative (unused at cfg 1)", clip=(clip, 0))
+    latent = g.add("EmptySD3LatentImage", [1024, 1024, 1], (380, 480))
+    return unet, vae, pos, neg, latent
+
+
+def painted_square(g: Graph, size: int, x=0, y=800):
+    """A MASK: a square in the middle of the canvas. Replace these nodes by your own mask (e.g. the mask
+    editor of Load Image)."""
+    empty = g.add("SolidMask", [0.0, size, size], (x, y), title="Canvas")
+    brush = g.add("SolidMask", [1.0, size // 2, size // 2], (x, y + 160), title="Painted square")
+    return g.add("MaskComposite", [size // 4, size // 4, "add"], (x + 380, y + 80), destination=(empty, 0),
+                 source=(brush, 0))
+
+
+# KSampler settings: SDXL Turbo one step without classifier-free guidance (cfg 1), as in the paper; SDXL base
+# 25 steps at guidance 8 and FLUX.1-schnell one step, as in the paper's later code.
+TURBO = (1, 1.0, "euler_ancestral", "sgm_uniform")
+BASE = (25, 8.0, "euler", "normal")
+SCHNELL = (1, 1.0, "euler", "simple")
+
+
+def sample(g: Graph, model, pos, neg, latent, vae, prefix, x, seed=42, seed_link=None, settings=TURBO):
     kw = {"seed": seed_link} if seed_link else {}
-    ks = g.add("KSampler", [seed, "fixed", 1, 1.0, "euler_ancestral", "sgm_uniform", 1.0], (x, 0),
+    steps, cfg, sampler, scheduler = settings
+    ks = g.add("KSampler", [seed, "fixed", steps, cfg, sampler, scheduler, 1.0], (x, 0),
                model=model, positive=(pos, 0), negative=(neg, 0), latent_image=(latent, 0), **kw)
     dec = g.add("VAEDecode", [], (x, 320), samples=(ks, 0), vae=vae)
     if prefix:
@@ -150,11 +185,7 @@ def steer_workflow(mode: str, features: str, strength: float, block: str, prompt
     sae = g.add("UnboxLoadSAE", [PAPER_SAES[block]], (0, 600), title=f"SAE {block}")
     kw = {}
     if painted:
-        # A painted region: replace these two nodes by your own MASK (e.g. Load Image's mask editor).
-        empty = g.add("SolidMask", [0.0, 512, 512], (0, 800), title="Canvas")
-        brush = g.add("SolidMask", [1.0, 256, 256], (0, 960), title="Painted square")
-        mask = g.add("MaskComposite", [128, 128, "add"], (380, 880), destination=(empty, 0), source=(brush, 0))
-        kw["mask"] = (mask, 0)
+        kw["mask"] = (painted_square(g, 512), 0)
     steer = g.add("UnboxSteerFeatures", [features, strength, mode, AUTO, "mean activation", 0.0, 1.0, "cond"],
                   (380, 600), title=f"Steer ({mode})", model=(ckpt, 0), sae=(sae, 0), **kw)
     sample(g, (ckpt, 0), pos, neg, latent, (ckpt, 2), f"{prefix}/original", 800)
@@ -232,6 +263,58 @@ def train() -> dict:
                      "(put a feature from the grid in the steer node, and switch its units to 'mean activation').")
 
 
+def flux_explore() -> dict:
+    g = Graph()
+    unet, vae, pos, neg, latent = flux_base(g, "a photo of a colorful bird sitting on a branch, sunset")
+    sae = g.add("UnboxLoadSAE", [FLUX_SAE_FOLDER], (0, 600), title="The paper's FLUX SAE (double.18)")
+    probe = g.add("UnboxProbeBlock", [AUTO, "all", "cond"], (380, 700), title="Probe double.18",
+                  model=(unet, 0), sae=(sae, 0))
+    dec = sample(g, (probe, 0), pos, neg, latent, (vae, 0), "sae_flux_explore/image", 800, settings=SCHNELL)
+    top = g.add("UnboxTopFeatures", [9, "double.18", -1, 0, 3, "inferno", 0.6, "sae_flux_explore/top_features",
+                                     "cond", 8.0, 1.0], (1200, 0), title="Top features of double.18",
+                probe=(probe, 1), image=(dec, 0))
+    g.add("SaveImage", ["sae_flux_explore/top_double.18"], (1600, 0), images=(top, 0))
+    heat = g.add("UnboxFeatureHeatmap", [0, "double.18", -1, "inferno", 0.6, "image max", "cond", 8.0], (1200, 420),
+                 title="Heatmap of one feature (set its index)", probe=(probe, 1), image=(dec, 0))
+    g.add("SaveImage", ["sae_flux_explore/heatmap"], (1600, 420), images=(heat, 0))
+    return g.to_json("FLUX: top features and heatmaps of the paper's FLUX SAE",
+                     "FLUX.1-schnell, 1 step, 1024x1024 (64x64 image tokens). The probe records the codes of the "
+                     "paper's FLUX SAE on double-stream block 18's image stream. To leave out always-on features, "
+                     "compute the SAE's statistics over a dump (python -m sae_models stats) and lower "
+                     "hide_above_frequency on Top Features.")
+
+
+def flux_paint() -> dict:
+    g = Graph()
+    unet, vae, pos, neg, latent = flux_base(g, "a photo of a city street, people walking")
+    sae = g.add("UnboxLoadSAE", [FLUX_SAE_FOLDER], (0, 600), title="The paper's FLUX SAE (double.18)")
+    steer = g.add("UnboxSteerFeatures", ["0", 10.0, "add", AUTO, "mean activation", 0.0, 1.0, "cond"], (380, 700),
+                  title="Paint (add, 10 x mean)", model=(unet, 0), sae=(sae, 0), mask=(painted_square(g, 1024), 0))
+    sample(g, (unet, 0), pos, neg, latent, (vae, 0), "sae_flux_paint/original", 800, settings=SCHNELL)
+    sample(g, (steer, 0), pos, neg, latent, (vae, 0), "sae_flux_paint/steered", 1200, settings=SCHNELL)
+    return g.to_json("FLUX: paint a feature into a region",
+                     "Adds 10 x mean x the feature's direction to double.18's image stream inside the painted mask "
+                     "(the paper's FLUX demo paints with strength 10; it also adds the direction on every "
+                     "single-stream block, this workflow on the SAE's own block only). Pick features with "
+                     "flux_explore.")
+
+
+def sdxl_base_paint() -> dict:
+    g = Graph()
+    ckpt, pos, neg, latent = base(g, "a photo of a city street, people walking", checkpoint=SDXL_BASE_NAME,
+                                  size=1024, negative="Negative")
+    sae = g.add("UnboxLoadSAE", [PAPER_SAES["down.2.1"]], (0, 600), title="SAE down.2.1 (trained on Turbo)")
+    steer = g.add("UnboxSteerFeatures", ["0", 10.0, "add", AUTO, "mean activation", 0.0, 1.0, "cond +, uncond -"],
+                  (380, 700), title="Paint: + on cond, - on uncond", model=(ckpt, 0), sae=(sae, 0),
+                  mask=(painted_square(g, 1024), 0))
+    sample(g, (ckpt, 0), pos, neg, latent, (ckpt, 2), "sae_base_paint/original", 800, settings=BASE)
+    sample(g, (steer, 0), pos, neg, latent, (ckpt, 2), "sae_base_paint/steered", 1200, settings=BASE)
+    return g.to_json("SDXL base: paint with classifier-free guidance",
+                     "SDXL base 1.0, 25 steps, cfg 8, 1024x1024, as the paper's later code paints on it: the "
+                     "feature is added to the cond rows and subtracted from the uncond rows inside the mask, so "
+                     "guidance amplifies it. The paper's SAEs were trained on SDXL Turbo and transfer to base.")
+
+
 WORKFLOWS = {
     "explore": explore,
     "paint": lambda: steer_workflow(
@@ -248,6 +331,9 @@ WORKFLOWS = {
     "reconstruct": reconstruct,
     "dump": dump,
     "train": train,
+    "flux_explore": flux_explore,
+    "flux_paint": flux_paint,
+    "sdxl_base_paint": sdxl_base_paint,
 }
 
 

@@ -32,6 +32,24 @@ PAPER_SAE_FOLDERS = {
 }
 SAE_FILES = ("config.json", "state_dict.pth", "mean.pt", "std.pt")
 
+# SDXL base (the paper's later code paints on it with the Turbo SAEs, which transfer).
+SDXL_BASE_NAME = "sd_xl_base_1.0.safetensors"
+SDXL_BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+# FLUX.1-schnell as ComfyUI loads it (UNETLoader, DualCLIPLoader type flux, VAELoader), and the paper's FLUX
+# SAE (double-stream block 18, 12288 features, k 20): the files at the root of its model repo.
+FLUX_FILES = {  # place under models/ -> (repo, file in the repo)
+    "diffusion_models/flux1-schnell.safetensors": ("black-forest-labs/FLUX.1-schnell", "flux1-schnell.safetensors"),
+    "text_encoders/clip_l.safetensors": ("comfyanonymous/flux_text_encoders", "clip_l.safetensors"),
+    "text_encoders/t5xxl_fp16.safetensors": ("comfyanonymous/flux_text_encoders", "t5xxl_fp16.safetensors"),
+    "vae/ae.safetensors": ("black-forest-labs/FLUX.1-schnell", "ae.safetensors"),
+}
+FLUX_SAE_REPO = "antoniomari/SAE_flux_18"
+FLUX_SAE_FOLDER = "SAE_flux_18"  # the folder name tells the reader the block (double.18)
+FLUX_SAE_FILES = ("config.json", "state_dict.pth", "mean.pt")
+
+MODELS = ("sdxl-turbo", "sdxl-base", "flux-schnell")
+WORKFLOW_OF = {"sdxl-turbo": "explore.json", "sdxl-base": "sdxl_base_paint.json", "flux-schnell": "flux_explore.json"}
+
 
 class DownloadError(RuntimeError):
     pass
@@ -46,12 +64,29 @@ class ModelFile:
         return f"{self.dest}  <-  {self.url}"
 
 
-def required_files(models_dir: Path, checkpoint_url: str = CHECKPOINT_URL, sae_base_url: str = SAE_BASE_URL):
-    """Every file the example workflows need, with its source URL and its place under `models_dir`."""
-    files = [ModelFile(checkpoint_url, models_dir / "checkpoints" / CHECKPOINT_NAME)]
-    for folder in PAPER_SAE_FOLDERS.values():
-        for name in SAE_FILES:
-            files.append(ModelFile(f"{sae_base_url}/{folder}/final/{name}", models_dir / "sae" / folder / "final" / name))
+def required_files(models_dir: Path, checkpoint_url: str = CHECKPOINT_URL, sae_base_url: str = SAE_BASE_URL, *,
+                   model: str = "sdxl-turbo", hf: str = HF) -> list[ModelFile]:
+    """Every file `model`'s example workflow needs, with its source URL and its place under `models_dir`.
+    `checkpoint_url`/`sae_base_url` point SDXL Turbo's checkpoint and the paper's SDXL SAEs elsewhere; `hf`
+    replaces Hugging Face for the other files (a mirror holding the same repos)."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    files = []
+    if model == "sdxl-turbo":
+        files.append(ModelFile(checkpoint_url, models_dir / "checkpoints" / CHECKPOINT_NAME))
+    if model == "sdxl-base":
+        files.append(ModelFile(f"{hf}/{SDXL_BASE_REPO}/resolve/main/{SDXL_BASE_NAME}",
+                               models_dir / "checkpoints" / SDXL_BASE_NAME))
+    if model in ("sdxl-turbo", "sdxl-base"):
+        for folder in PAPER_SAE_FOLDERS.values():
+            for name in SAE_FILES:
+                files.append(ModelFile(f"{sae_base_url}/{folder}/final/{name}",
+                                       models_dir / "sae" / folder / "final" / name))
+    else:
+        for place, (repo, name) in FLUX_FILES.items():
+            files.append(ModelFile(f"{hf}/{repo}/resolve/main/{name}", models_dir / place))
+        for name in FLUX_SAE_FILES:
+            files.append(ModelFile(f"{hf}/{FLUX_SAE_REPO}/resolve/main/{name}", models_dir / "sae" / FLUX_SAE_FOLDER / name))
     return files
 
 

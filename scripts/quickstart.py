@@ -4,9 +4,11 @@ Run it where ComfyUI Manager or `git clone` put the pack (`ComfyUI/custom_nodes/
 
     python scripts/quickstart.py                 # starts ComfyUI, runs example_workflows/explore.json
     python scripts/quickstart.py --download      # first fetch the missing model files (resumable, verified)
+    python scripts/quickstart.py --model flux-schnell --download   # FLUX.1-schnell and the paper's FLUX SAE
     python scripts/quickstart.py --server http://127.0.0.1:8188   # use a ComfyUI that is already running
 
-The image, the heatmaps and the top-features JSON land in ComfyUI's output folder (sae_explore/).
+The image, the heatmaps and the top-features JSON land in ComfyUI's output folder (sae_explore/,
+sae_flux_explore/, sae_base_paint/).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ PACK = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from model_files import (  # noqa: E402
-    CHECKPOINT_URL, SAE_BASE_URL, DownloadError, download, missing_files, required_files,
+    CHECKPOINT_URL, HF, MODELS, SAE_BASE_URL, WORKFLOW_OF, DownloadError, download, missing_files, required_files,
 )
 from workflow_api import ui_to_api  # noqa: E402
 
@@ -62,6 +64,9 @@ def run_workflow(server: str, workflow: dict, timeout: float = 3600, prompt_text
         for node in api.values():
             if node["class_type"] == "CLIPTextEncode" and node["inputs"].get("text"):
                 node["inputs"]["text"] = prompt_text
+                break
+            if node["class_type"] == "CLIPTextEncodeFlux" and node["inputs"].get("t5xxl"):
+                node["inputs"]["t5xxl"] = prompt_text
                 break
     client_id = uuid.uuid4().hex
     prompt_id = _post(f"{server}/prompt", {"prompt": api, "client_id": client_id})["prompt_id"]
@@ -121,12 +126,16 @@ def main(argv=None) -> int:
     ap.add_argument("--server", help="URL of a running ComfyUI; default: start one")
     ap.add_argument("--download", action="store_true", help="download missing model files from Hugging Face")
     ap.add_argument("--models-dir", help="models folder to check (default: <ComfyUI>/models)")
+    ap.add_argument("--model", choices=MODELS, default="sdxl-turbo",
+                    help="which model's files to check and which example workflow to run (default sdxl-turbo)")
     ap.add_argument("--checkpoint-url", default=CHECKPOINT_URL)
     ap.add_argument("--sae-base-url", default=SAE_BASE_URL)
-    ap.add_argument("--workflow", default=str(PACK / "example_workflows" / "explore.json"))
+    ap.add_argument("--hf-url", default=HF, help="Hugging Face, or a mirror of the same repos (SDXL base, FLUX)")
+    ap.add_argument("--workflow", help="UI-format workflow to run (default: the model's example workflow)")
     ap.add_argument("--prompt", help="replace the workflow's prompt")
     ap.add_argument("--no-install", action="store_true", help="skip installing the pack's requirements")
     ap.add_argument("--skip-model-check", action="store_true", help="do not look for the model files")
+    ap.add_argument("--no-run", action="store_true", help="stop after checking (and downloading) the model files")
     ap.add_argument("comfy_args", nargs="*", help="extra arguments for ComfyUI's main.py (after --), e.g. --cpu")
     args = ap.parse_args(argv)
 
@@ -140,7 +149,8 @@ def main(argv=None) -> int:
         if models is None:
             print("error: ComfyUI not found; pass --comfyui PATH or --models-dir PATH", file=sys.stderr)
             return 2
-        missing = missing_files(required_files(models, args.checkpoint_url, args.sae_base_url))
+        missing = missing_files(required_files(models, args.checkpoint_url, args.sae_base_url, model=args.model,
+                                               hf=args.hf_url.rstrip("/")))
         if missing and not args.download:
             print("These model files are missing (put each file where shown, or run again with --download):",
                   file=sys.stderr)
@@ -153,6 +163,9 @@ def main(argv=None) -> int:
             except DownloadError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 3
+    if args.no_run:
+        print("the model files are in place")
+        return 0
     proc = None
     server = args.server
     try:
@@ -161,7 +174,7 @@ def main(argv=None) -> int:
                 print("error: ComfyUI not found; pass --comfyui PATH or --server URL", file=sys.stderr)
                 return 2
             proc, server = start_server(comfyui, args.comfy_args)
-        workflow = json.loads(Path(args.workflow).read_text())
+        workflow = json.loads(Path(args.workflow or PACK / "example_workflows" / WORKFLOW_OF[args.model]).read_text())
         entry = run_workflow(server.rstrip("/"), workflow, prompt_text=args.prompt)
         files = output_files(entry)
         print(f"done: {len(files)} images in ComfyUI's output folder")

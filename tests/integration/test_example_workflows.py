@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from model_files import PAPER_SAE_FOLDERS  # noqa: E402
 from workflow_api import ui_to_api  # noqa: E402
 
-from paper_release import write_paper_release  # noqa: E402  (tests/support)
+from model_files import FLUX_SAE_FOLDER  # noqa: E402
+from paper_release import write_flux_release, write_paper_release  # noqa: E402  (tests/support)
 
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 
@@ -31,22 +32,46 @@ WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 def server(comfy_server):
     for i, folder in enumerate(PAPER_SAE_FOLDERS.values()):
         write_paper_release(comfy_server.sae_dir / folder, seed=i)
+    write_flux_release(comfy_server.sae_dir / FLUX_SAE_FOLDER, seed=7)
     return comfy_server
 
 
+# The model loaders, swapped for the tiny models of tests/support (same outputs, no weights on disk).
+TINY_LOADERS = {
+    "CheckpointLoaderSimple": ("TinySDXLCheckpointLoader", {"ckpt_name": "tiny", "seed": 0}),
+    "UNETLoader": ("TinyFluxUNETLoader", {"unet_name": "tiny", "seed": 0, "variant": "schnell"}),
+    "DualCLIPLoader": ("TinyFluxDualCLIPLoader", {"seed": 0}),
+    "VAELoader": ("TinyFluxVAELoader", {"seed": 0}),
+}
+MAX_SIDE = 256  # the 1024x1024 workflows (SDXL base, FLUX) run at 256x256 here: the CPU has 2 cores
+SIZES = {"EmptyLatentImage": ("width", "height"), "EmptySD3LatentImage": ("width", "height"),
+         "SolidMask": ("width", "height"), "MaskComposite": ("x", "y")}
+
+
 def swap_loader(api: dict) -> dict:
+    """The tiny models in place of the real loaders, and a workflow larger than MAX_SIDE scaled down whole
+    (latent, painted canvas and brush alike)."""
+    widest = max((n["inputs"]["width"] for n in api.values() if n["class_type"] in ("EmptyLatentImage",
+                                                                                   "EmptySD3LatentImage")), default=0)
+    shrink = max(widest // MAX_SIDE, 1)
     for node in api.values():
-        if node["class_type"] == "CheckpointLoaderSimple":
-            node["class_type"] = "TinySDXLCheckpointLoader"
-            node["inputs"] = {"ckpt_name": "tiny", "seed": 0}
+        if node["class_type"] in TINY_LOADERS:
+            node["class_type"], inputs = TINY_LOADERS[node["class_type"]]
+            node["inputs"] = dict(inputs)
+        for key in SIZES.get(node["class_type"], ()):
+            node["inputs"][key] //= shrink
     return api
 
 
 def to_api(server, path: Path, **text) -> dict:
     api = swap_loader(ui_to_api(json.loads(path.read_text()), server.object_info()))
     for node in api.values():
-        if node["class_type"] == "CLIPTextEncode" and node["inputs"]["text"] and "prompt" in text:
+        if "prompt" not in text:
+            break
+        if node["class_type"] == "CLIPTextEncode" and node["inputs"]["text"]:
             node["inputs"]["text"] = text["prompt"]
+        if node["class_type"] == "CLIPTextEncodeFlux" and node["inputs"]["t5xxl"]:
+            node["inputs"]["t5xxl"] = text["prompt"]
     return api
 
 
@@ -64,7 +89,8 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
-NAMES = {"explore", "paint", "feature_icon", "ablate", "reconstruct", "dump", "train"}
+NAMES = {"explore", "paint", "feature_icon", "ablate", "reconstruct", "dump", "train", "flux_explore", "flux_paint",
+         "sdxl_base_paint"}
 DUMP = "sae_dumps/sdxl_turbo"  # the dump workflow's folder, under the output folder
 PROMPTS = ["a red bicycle leaning on a wall", "a bowl of ramen, top view", "a snowy mountain at dusk"]
 
@@ -179,6 +205,35 @@ def test_reconstruct_workflow(server):
     assert np.abs(pixels(images["sae_reconstruct/original"]) - pixels(images["sae_reconstruct/reconstructed"])).max() > 0
 
 
+def test_flux_explore_workflow(server):
+    entry, images = run(server, "flux_explore")
+    (top,) = [json.loads(t) for o in entry["outputs"].values() for t in o.get("text", []) if t.startswith("{")]
+    assert top["block"] == "double.18" and top["sae"] == FLUX_SAE_FOLDER
+    assert top["grid"] == [MAX_SIDE // 16, MAX_SIDE // 16]  # one token per 2x2 latent patch = 16x16 pixels
+    means = [f["mean_activation"] for f in top["features"]]
+    assert 1 <= len(means) <= 9 and means == sorted(means, reverse=True) and means[0] > 0
+    assert {"sae_flux_explore/image", "sae_flux_explore/heatmap", "sae_flux_explore/top_double.18"} <= set(images)
+
+
+def test_flux_paint_workflow(server):
+    _, images = run(server, "flux_paint")
+    change = np.abs(pixels(images["sae_flux_paint/original"]) - pixels(images["sae_flux_paint/steered"]))
+    assert change.max() > 0
+    assert change[96:160, 96:160].mean() > change[:32, :32].mean()  # inside the painted square, not the corner
+
+
+def test_sdxl_base_paint_workflow(server):
+    entry, images = run(server, "sdxl_base_paint")
+    api = to_api(server, ROOT / "example_workflows" / "sdxl_base_paint.json")
+    (steer,) = [n for n in api.values() if n["class_type"] == "UnboxSteerFeatures"]
+    assert steer["inputs"]["apply_to"] == "cond +, uncond -"
+    assert {n["inputs"]["steps"] for n in api.values() if n["class_type"] == "KSampler"} == {25}
+    assert {n["inputs"]["cfg"] for n in api.values() if n["class_type"] == "KSampler"} == {8.0}
+    change = np.abs(pixels(images["sae_base_paint/original"]) - pixels(images["sae_base_paint/steered"]))
+    assert change.max() > 0
+    assert change[96:160, 96:160].mean() > change[:32, :32].mean()
+
+
 def test_dump_workflow(server):
     server.run(to_api(server, ROOT / "example_workflows" / "dump.json"), timeout=600)
     rec = [r for r in dump_records(server) if r["seed"] == 0]
@@ -251,6 +306,24 @@ def test_quickstart_runs_the_explore_workflow(server, tmp_path):
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "sae_explore/image" in result.stdout.replace("\\", "/") and "top features of down.2.1" in result.stdout
+
+
+def test_quickstart_runs_the_flux_workflow(server, tmp_path):
+    wf = json.loads((ROOT / "example_workflows" / "flux_explore.json").read_text())
+    widgets = {"UNETLoader": ["tiny", 0, "schnell"], "DualCLIPLoader": [0], "VAELoader": [0]}
+    for node in wf["nodes"]:
+        if node["type"] in widgets:
+            node["type"], node["widgets_values"] = TINY_LOADERS[node["type"]][0], widgets[node["type"]]
+        if node["type"] == "EmptySD3LatentImage":
+            node["widgets_values"][:2] = [MAX_SIDE, MAX_SIDE]
+    swapped = tmp_path / "flux_tiny.json"
+    swapped.write_text(json.dumps(wf))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "quickstart.py"), "--model", "flux-schnell", "--server", server.url,
+         "--no-install", "--skip-model-check", "--workflow", str(swapped), "--prompt", "a red fox in the snow"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "sae_flux_explore/image" in result.stdout and "top features of double.18" in result.stdout
 
 
 def test_quickstart_reports_missing_files(tmp_path):

@@ -23,3 +23,17 @@ def write_paper_release(folder: Path, seed: int):
     torch.save({"state_dict": sd}, final / "state_dict.pth")
     torch.save(torch.rand(N, generator=g) + 0.5, final / "mean.pt")
     torch.save(torch.rand(N, generator=g), final / "std.pt")
+
+
+def write_flux_release(folder: Path, seed: int, d: int = 64, n: int = 256, k: int = 20):
+    """The paper's FLUX SAE as its model repo holds it (config.json, state_dict.pth, mean.pt at the root, no
+    std.pt), at the tiny FLUX model's width."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(
+        {"n_dirs_local": n, "d_model": d, "k": k, "auxk": 256, "dead_steps_threshold": 2441}))
+    enc = torch.randn(n, d, generator=g) / d ** 0.5
+    sd = {"encoder.weight": enc, "decoder.weight": enc.T.clone(), "pre_bias": torch.zeros(d),
+          "latent_bias": torch.zeros(n), "stats_last_nonzero": torch.zeros(n, dtype=torch.int64)}
+    torch.save({"state_dict": sd}, folder / "state_dict.pth")
+    torch.save(torch.rand(n, generator=g) + 0.5, folder / "mean.pt")

@@ -15,6 +15,7 @@ from model_files import DownloadError, download, missing_files, required_files  
 
 BIG = bytes(range(256)) * 4096 + b"tail"  # ~1 MB, served like an LFS file (sha256)
 SMALL = b'{"n_dirs_local": 5120, "d_model": 1280, "k": 10}'  # served like a git file (blob sha1)
+LFS = (".bin", ".safetensors", ".pth", ".pt")  # stored with git LFS on Hugging Face: sha256 in X-Linked-ETag
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -27,7 +28,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _meta(self, path):
         data = self.files[path]
-        if path.endswith(".bin"):
+        if path.endswith(LFS):
             return {"X-Linked-Size": str(len(data)), "X-Linked-ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
         blob = hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
         return {"ETag": f'"{blob}"', "Content-Length": str(len(data))}
@@ -37,7 +38,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path not in self.files:
             self.send_error(404)
             return
-        if path.endswith(".bin"):  # large files redirect to a CDN, headers on the redirect
+        if path.endswith(LFS):  # large files redirect to a CDN, headers on the redirect
             self.send_response(302)
             self.send_header("Location", "/cdn" + path)
         else:
@@ -49,7 +50,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         path = self.path.split("?")[0]
         self.requests.append((path, self.headers.get("Range")))
-        if path.endswith(".bin") and not path.startswith("/cdn"):
+        if path.endswith(LFS) and not path.startswith("/cdn"):
             self.send_response(302)
             self.send_header("Location", "/cdn" + path)
             self.end_headers()
@@ -145,3 +146,43 @@ def test_required_files_say_where_each_goes(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / model_files.CHECKPOINT_NAME).write_bytes(b"x")
     assert len(missing_files(files)) == 16
+
+
+def test_flux_schnell_files_go_where_comfyui_loads_them(tmp_path):
+    files = required_files(tmp_path, model="flux-schnell", hf="http://mirror")
+    where = {f.dest.relative_to(tmp_path).as_posix(): f.url for f in files}
+    assert where == {
+        "diffusion_models/flux1-schnell.safetensors":
+            "http://mirror/black-forest-labs/FLUX.1-schnell/resolve/main/flux1-schnell.safetensors",
+        "text_encoders/clip_l.safetensors": "http://mirror/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+        "text_encoders/t5xxl_fp16.safetensors":
+            "http://mirror/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
+        "vae/ae.safetensors": "http://mirror/black-forest-labs/FLUX.1-schnell/resolve/main/ae.safetensors",
+        "sae/SAE_flux_18/config.json": "http://mirror/antoniomari/SAE_flux_18/resolve/main/config.json",
+        "sae/SAE_flux_18/state_dict.pth": "http://mirror/antoniomari/SAE_flux_18/resolve/main/state_dict.pth",
+        "sae/SAE_flux_18/mean.pt": "http://mirror/antoniomari/SAE_flux_18/resolve/main/mean.pt",
+    }
+    base = {f.dest.relative_to(tmp_path).as_posix() for f in required_files(tmp_path, model="sdxl-base")}
+    assert "checkpoints/sd_xl_base_1.0.safetensors" in base and len(base) == 1 + 4 * 4
+    with pytest.raises(ValueError, match="unknown model 'flux-dev'"):
+        required_files(tmp_path, model="flux-dev")
+
+
+def test_quickstart_downloads_the_flux_files_verified(server, tmp_path):
+    import subprocess
+
+    models = tmp_path / "models"
+    for f in required_files(models, model="flux-schnell", hf=server):
+        Handler.files[f.url.removeprefix(server)] = BIG if f.dest.suffix in LFS else SMALL
+    script = Path(__file__).resolve().parents[2] / "scripts" / "quickstart.py"
+    args = [sys.executable, str(script), "--model", "flux-schnell", "--models-dir", str(models), "--hf-url", server,
+            "--no-install", "--no-run"]
+    missing = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and f"{models}/vae/ae.safetensors  <-  {server}/black-forest-labs" in missing.stderr
+    got = subprocess.run(args + ["--download"], capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr
+    placed = {p.relative_to(models).as_posix(): p.read_bytes() for p in models.rglob("*") if p.is_file()}
+    assert set(placed) == {"diffusion_models/flux1-schnell.safetensors", "text_encoders/clip_l.safetensors",
+                           "text_encoders/t5xxl_fp16.safetensors", "vae/ae.safetensors", "sae/SAE_flux_18/config.json",
+                           "sae/SAE_flux_18/state_dict.pth", "sae/SAE_flux_18/mean.pt"}
+    assert placed["vae/ae.safetensors"] == BIG and placed["sae/SAE_flux_18/config.json"] == SMALL
