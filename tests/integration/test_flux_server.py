@@ -80,3 +80,56 @@ def test_a_flux_file_loaded_by_unet_loader_is_probed_and_steered(server):
     assert torch.equal(probed, plain) and not torch.equal(steered, plain)
     ranking = json.loads(entry["outputs"]["42"]["text"][0])
     assert ranking["block"] == "double.0" and ranking["grid"] == [8, 8] and ranking["features"]
+
+
+def flux_txt2img(model_ref, prompt: str, extra: dict) -> dict:
+    g = {
+        "1": {"class_type": "TinyFluxUNETLoader", "inputs": {"unet_name": "tiny", "seed": 0, "variant": "schnell"}},
+        "2": {"class_type": "TinyFluxDualCLIPLoader", "inputs": {"seed": 0}},
+        "3": {"class_type": "CLIPTextEncodeFlux", "inputs": {"clip": ["2", 0], "clip_l": "", "t5xxl": prompt,
+                                                             "guidance": 3.5}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": model_ref, "positive": ["3", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 1,
+            "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "6": {"class_type": "TinyFluxVAELoader", "inputs": {"seed": 0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0]}},
+    }
+    g.update(extra)
+    return g
+
+
+def test_flux_dump_train_browse_and_steer_through_the_server(server):
+    import requests
+
+    for i in range(6):
+        server.run(flux_txt2img(["10", 0], f"prompt number {i}", {
+            "10": {"class_type": "UnboxDumpActivations", "inputs": {
+                "model": ["1", 0], "folder": "flux_dump", "blocks": "paper", "steps": "all", "apply_to": "cond",
+                "fields": "update", "dtype": "float16", "rows_per_shard": 256}},
+            "11": {"class_type": "UnboxDumpImages", "inputs": {
+                "images": ["7", 0], "dump": ["10", 1], "prompt": f"prompt number {i}", "seed": i,
+                "commit": "after every prompt"}}}))
+    assert json.loads((server.output_dir / "flux_dump" / "manifest.json").read_text())["blocks"] == {
+        "double.18": {"d_in": 64, "fields": ["update"]}}  # 'paper' on FLUX: the paper's FLUX block
+    server.run({"1": {"class_type": "UnboxTrainSAE", "inputs": {
+        "dump_folder": "flux_dump", "block": "the dump's only block", "n_features": 256, "k": 8,
+        "architecture": "topk", "max_tokens": 0, "batch_size": 128, "lr": 1e-3, "eval_fraction": 0.0, "seed": 0,
+        "save_name": "flux_from_dump", "overwrite": True}}}, timeout=900)
+    answer = requests.get(f"{server.url}/sae_unbox/features", params={"sae": "flux_from_dump.safetensors",
+                                                                      "sort": "frequency", "limit": 5}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["sae"]["block"] == "double.18" and body["sae"]["n_features"] == 256
+    best = body["features"][0]["top"][0]
+    assert best["grid"] == [8, 8] and best["prompt"].startswith("prompt number")
+    steer = {"20": {"class_type": "UnboxLoadSAE", "inputs": {"sae_name": "flux_from_dump.safetensors"}},
+             "21": {"class_type": "UnboxSteerFeatures", "inputs": {
+                 "model": ["1", 0], "sae": ["20", 0], "features": str(body["features"][0]["feature"]),
+                 "strength": 8.0, "mode": "add", "block": AUTO, "units": "mean activation", "start_percent": 0.0,
+                 "end_percent": 1.0, "apply_to": "cond"}},
+             "22": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "flux_server/dsteer"}}}
+    plain = {"22": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "flux_server/dplain"}}}
+    server.run(flux_txt2img(["21", 0], "a red fox", steer))
+    server.run(flux_txt2img(["1", 0], "a red fox", plain))
+    assert not torch.equal(latent(server, "dsteer"), latent(server, "dplain"))
