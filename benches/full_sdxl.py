@@ -23,11 +23,11 @@ SDXL_UNET = dict(
 )
 
 
-def run_args(description: str) -> argparse.Namespace:
+def run_args(description: str, size: int = 512) -> argparse.Namespace:
     """The benches' command line: --reps (interleaved repetitions) and --size (image side in pixels)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--size", type=int, default=size)
     return ap.parse_args()
 
 
