@@ -62,7 +62,7 @@ def to_thumbnail(png: bytes) -> bytes:
         img = img.crop((max(box[0] - m, 0), max(box[1] - m, 0), min(box[2] + m, img.width), min(box[3] + m, img.height)))
     framed = Image.new("RGB", _aspect(img.size), img.getpixel((0, 0)))
     framed.paste(img, ((framed.width - img.width) // 2, (framed.height - img.height) // 2))
-    framed.thumbnail(SIZE, Image.Resampling.LANCZOS)
+    framed = framed.resize(SIZE, Image.Resampling.LANCZOS)  # the aspect is already SIZE's, up to a pixel
     out = io.BytesIO()
     framed.save(out, format="JPEG", quality=85, optimize=True)
     return out.getvalue()

@@ -56,7 +56,8 @@ def test_templates_dialog_opens_the_packs_example(page):
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     page.get_by_text("comfyui-sae-unbox", exact=True).first.click()
     cards = {name: page.get_by_test_id(f"template-workflow-{name}")
-             for name in ("explore", "paint", "feature_icon", "ablate", "reconstruct")}
+             for name in ("explore", "paint", "feature_icon", "ablate", "reconstruct", "flux_explore",
+                          "flux_paint", "sdxl_base_paint")}
     for card in cards.values():
         card.wait_for(timeout=30_000)
     # the thumbnails (example_workflows/<name>.jpg) are shown on the cards
