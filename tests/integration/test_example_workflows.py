@@ -53,7 +53,7 @@ def swap_loader(api: dict) -> dict:
     (latent, painted canvas and brush alike)."""
     widest = max((n["inputs"]["width"] for n in api.values() if n["class_type"] in ("EmptyLatentImage",
                                                                                    "EmptySD3LatentImage")), default=0)
-    shrink = max(widest // MAX_SIDE, 1)
+    shrink = widest // MAX_SIDE if widest > 512 else 1  # the 512x512 (SDXL Turbo) workflows run as they are
     for node in api.values():
         if node["class_type"] in TINY_LOADERS:
             node["class_type"], inputs = TINY_LOADERS[node["class_type"]]
