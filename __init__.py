@@ -14,11 +14,11 @@ if importlib.util.find_spec("folder_paths") is not None:  # imported by ComfyUI,
 
     async def comfy_entrypoint():
         from .nodes import SAEUnboxExtension
-        from .nodes.feature_browser import register_routes
+        from .nodes.routes import register_routes
         from .nodes.sae_folder import register_sae_folder
 
         register_sae_folder()
-        register_routes()  # the feature browser's page and API, where ComfyUI's server runs
+        register_routes()  # the feature browser, the workbench and the labels, where ComfyUI's server runs
         return SAEUnboxExtension()
 
 __all__ = ["WEB_DIRECTORY"]

@@ -7,7 +7,9 @@ display name once, in its schema.
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .dump import DumpActivations, DumpImages
+from .find_features import FindFeatures
 from .load import LoadSAE
+from .painted_mask import PaintedMask
 from .probe import FeatureHeatmap, ProbeBlock, TopFeatures
 from .prompts import PromptList
 from .steer import ReconstructBlock, SteerFeatures
@@ -15,7 +17,7 @@ from .train import TrainSAE
 
 NODES: list[type[io.ComfyNode]] = [
     LoadSAE, SteerFeatures, ReconstructBlock, ProbeBlock, FeatureHeatmap, TopFeatures,
-    DumpActivations, DumpImages, PromptList, TrainSAE,
+    DumpActivations, DumpImages, PromptList, TrainSAE, PaintedMask, FindFeatures,
 ]
 
 

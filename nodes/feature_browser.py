@@ -11,7 +11,6 @@ Routes (also under ComfyUI's `/api` prefix):
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from collections import OrderedDict
@@ -19,33 +18,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..sae_models import FeatureStats, FeatureTable, SAEError, load
+from ..sae_models import FeatureStats, FeatureTable, SAEError
 from ..sae_models.features_table import SORT_KEYS
-from ..sae_models.formats.native import read_summary
 from ..sae_models.stats import features_index_path, read_features_index
 from .errors import NodeInputError
-from .sae_folder import available_saes, find_sae
+from .routes import PREFIX, Refused, answer
+from .sae_folder import available_saes, find_sae, sae_header
 
 NODE = "SAE feature browser"
 
-PREFIX = "/sae_unbox"
 PAGE = Path(__file__).resolve().parents[1] / "web" / "feature_browser.html"
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 MAX_LIMIT = 500
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _header(path: str):
-    """An SAE's config and statistics; native files are read without their weights."""
-    if path.endswith(".safetensors"):
-        return read_summary(path)
-    sae = load(path)
-    return sae.config, sae.stats
 
 
 def _describe(name: str, config, stats: FeatureStats) -> dict:
@@ -58,7 +42,7 @@ class _Entry:
     """One SAE as the browser sees it: its table and the dump folder its images are relative to."""
 
     def __init__(self, name: str, path: str, index_path: str):
-        config, stats = _header(path)
+        config, stats = sae_header(path)
         index = read_features_index(index_path, config.n_features)
         self.name, self.config = name, config
         self.table = FeatureTable(index, stats)
@@ -89,18 +73,18 @@ class FeatureBrowser:
 
     def _entry(self, name: str) -> _Entry:
         if not name:
-            raise _Refused(400, "give the SAE as ?sae=NAME (a name from /sae_unbox/saes)")
+            raise Refused(400, "give the SAE as ?sae=NAME (a name from /sae_unbox/saes)")
         with self._lock:
             known = any(k[0] == name for k in self._cache)
         if not known and name not in available_saes():  # the folder walk only for a name not seen yet
-            raise _Refused(404, f"no SAE named {name!r} in models/sae")
+            raise Refused(404, f"no SAE named {name!r} in models/sae")
         try:
             path = find_sae(NODE, name)
         except NodeInputError as e:
-            raise _Refused(404, str(e)) from None
+            raise Refused(404, str(e)) from None
         index_path = features_index_path(path)
         if not os.path.isfile(index_path):
-            raise _Refused(404, f"{name!r} has no features index ({os.path.basename(index_path)}); "
+            raise Refused(404, f"{name!r} has no features index ({os.path.basename(index_path)}); "
                                 f"write one with the SAE Train node or `python -m sae_models stats`")
         key = (name, path, *_version(path), index_path, *_version(index_path))
         with self._lock:
@@ -112,7 +96,7 @@ class FeatureBrowser:
             try:
                 entry = _Entry(name, path, index_path)
             except SAEError as e:
-                raise _Refused(422, str(e)) from None
+                raise Refused(422, str(e)) from None
             self._cache = OrderedDict((k, v) for k, v in self._cache.items() if k[1] != path)
             self._cache[key] = entry
             while len(self._cache) > self._cache_size:
@@ -130,7 +114,7 @@ class FeatureBrowser:
             if not os.path.isfile(features_index_path(path)):
                 continue
             try:  # the header only: listing does not parse every index
-                out.append(_describe(name, *_header(path)))
+                out.append(_describe(name, *sae_header(path)))
             except SAEError as e:
                 out.append({"name": name, "error": str(e)})
         return out
@@ -139,16 +123,16 @@ class FeatureBrowser:
         entry = self._entry(q.get("sae", ""))
         order = q.get("order", "desc")
         if order not in ("desc", "asc"):
-            raise _Refused(400, f"order must be desc or asc, got {order!r}")
+            raise Refused(400, f"order must be desc or asc, got {order!r}")
         sort = q.get("sort", "frequency")
         if sort not in SORT_KEYS:
-            raise _Refused(400, f"sort must be one of {', '.join(SORT_KEYS)}, got {sort!r}")
+            raise Refused(400, f"sort must be one of {', '.join(SORT_KEYS)}, got {sort!r}")
         try:
             offset, limit = int(q.get("offset", 0)), int(q.get("limit", 50))
         except ValueError:
-            raise _Refused(400, "offset and limit must be integers") from None
+            raise Refused(400, "offset and limit must be integers") from None
         if offset < 0 or not 1 <= limit <= MAX_LIMIT:
-            raise _Refused(400, f"offset must be >= 0 and limit between 1 and {MAX_LIMIT}")
+            raise Refused(400, f"offset must be >= 0 and limit between 1 and {MAX_LIMIT}")
         result = entry.table.query(sort=sort, descending=order == "desc", text=q.get("q", ""),
                                    hide_dead=q.get("hide_dead", "0") in ("1", "true"), offset=offset, limit=limit)
         return {"sae": entry.summary(), **result}
@@ -157,14 +141,14 @@ class FeatureBrowser:
         entry = self._entry(q.get("sae", ""))
         rel = q.get("file", "")
         if entry.dump is None:
-            raise _Refused(404, f"the features index of {entry.name!r} records no dump folder")
+            raise Refused(404, f"the features index of {entry.name!r} records no dump folder")
         path = os.path.realpath(os.path.join(entry.dump, rel))
         if not rel or os.path.commonpath([path, entry.dump]) != entry.dump:
-            raise _Refused(403, f"{rel!r} is not a file inside the dump folder of {entry.name!r}")
+            raise Refused(403, f"{rel!r} is not a file inside the dump folder of {entry.name!r}")
         if os.path.splitext(path)[1].lower() not in IMAGE_TYPES:
-            raise _Refused(403, f"{rel!r} is not an image ({', '.join(IMAGE_TYPES)})")
+            raise Refused(403, f"{rel!r} is not an image ({', '.join(IMAGE_TYPES)})")
         if not os.path.isfile(path):
-            raise _Refused(404, f"{rel!r} is not in {entry.dump} (moved or deleted?)")
+            raise Refused(404, f"{rel!r} is not in {entry.dump} (moved or deleted?)")
         return path
 
     # -- handlers --
@@ -174,22 +158,13 @@ class FeatureBrowser:
                                                "Cache-Control": "no-cache"})
 
     async def saes(self, request: web.Request) -> web.Response:
-        return await _answer(self._list)
+        return await answer(self._list)
 
     async def features(self, request: web.Request) -> web.Response:
-        return await _answer(self._query, request.query)
+        return await answer(self._query, request.query)
 
     async def image(self, request: web.Request) -> web.StreamResponse:
-        return await _answer(self._image_path, request.query, respond=_image_response)
-
-
-async def _answer(fn, *args, respond=web.json_response) -> web.StreamResponse:
-    """`respond(fn(*args))`, with `fn` run off the event loop; a refusal becomes a JSON error."""
-    try:
-        result = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-    except _Refused as e:
-        return web.json_response({"error": str(e)}, status=e.status)
-    return respond(result)
+        return await answer(self._image_path, request.query, respond=_image_response)
 
 
 def _image_response(path: str) -> web.FileResponse:
@@ -200,16 +175,3 @@ def _image_response(path: str) -> web.FileResponse:
 def _version(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
-
-
-def register_routes() -> bool:
-    """Add the browser's routes to the running ComfyUI server; False where there is none (the pack imported
-    by a script or a test harness rather than by `main.py`)."""
-    import sys
-
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None:
-        return False
-    FeatureBrowser().add_routes(instance.routes)
-    return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch
@@ -12,15 +11,16 @@ from comfy_api.v0_0_2 import io, ui
 import comfy.utils
 
 from ..sae_models.files import atomic_write_text
-from .errors import NodeInputError, excerpt
+from .errors import NodeInputError
 from .inputs import check_mask, parse_steps
 from .models import resolve_block
 from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE, SAE_PROBE, TARGET_CHOICES
 from .edits import mask_weights
 from .patch import attach_edit
 from .paths import output_prefix
-from .recording import ProbeEdit, ProbeRecorder, StepRecord
+from .recording import ROW_VIEWS, ProbeEdit, ProbeRecorder, StepRecord
 from .render import COLORMAPS, labelled_grid, overlay
+from .workbench import keep_run
 
 PROBE = "SAE Probe Block"
 HEATMAP = "SAE Feature Heatmap"
@@ -79,35 +79,11 @@ def _record(node: str, probes, block: str, step: int) -> tuple[ProbeRecorder, St
         raise NodeInputError(node, str(e)) from None
 
 
-ROW_VIEWS = ["cond", "uncond", "cfg combined"]
-
-
-def _rows_of(record: StepRecord, kind: int) -> list[int]:
-    return sorted((r for r, k in enumerate(record.row_kind) if k == kind), key=lambda r: record.row_image[r])
-
-
 def _view(node: str, record: StepRecord, per_row: torch.Tensor, view: str, cfg: float) -> torch.Tensor:
-    """`per_row` (indexed by the record's rows) for one view, one entry per image in batch order: the cond
-    rows, the uncond rows, or their CFG combination `uncond + cfg * (cond - uncond)` (codes whose decoding
-    is the CFG combination of the two reconstructions; negative where a feature fires more without the
-    prompt)."""
-    if view not in ROW_VIEWS:
-        raise NodeInputError(node, f"rows must be one of {', '.join(ROW_VIEWS)}, got {excerpt(view)}")
-    cond, uncond = _rows_of(record, 0), _rows_of(record, 1)
-    if view != "uncond" and not cond:
-        raise NodeInputError(node, "the probe recorded no cond rows; set the probe's apply_to to cond or both")
-    if view != "cond" and not uncond:
-        raise NodeInputError(node, "the probe recorded no uncond rows (at cfg 1 ComfyUI runs none); set the "
-                                   "probe's apply_to to uncond or both and sample with cfg > 1")
-    if view == "cond":
-        return per_row[cond]
-    if view == "uncond":
-        return per_row[uncond]
-    if [record.row_image[r] for r in cond] != [record.row_image[r] for r in uncond]:
-        raise NodeInputError(node, "the probe's cond and uncond rows are of different images")
-    if not math.isfinite(cfg):
-        raise NodeInputError(node, f"cfg must be a finite number, got {cfg!r}")
-    return per_row[uncond] + cfg * (per_row[cond] - per_row[uncond])
+    try:
+        return record.by_image(per_row, view, cfg)
+    except ValueError as e:
+        raise NodeInputError(node, str(e)) from None
 
 
 def _match_images(node: str, n_rows: int, image: torch.Tensor) -> torch.Tensor:
@@ -160,7 +136,9 @@ class FeatureHeatmap(io.ComfyNode):
         maps = _view(HEATMAP, record, record.feature_map(feature), rows, cfg)
         image = _match_images(HEATMAP, maps.shape[0], image)
         out, heat = overlay(image, maps, _feature_scale(rec, feature, maps, scale), colormap, alpha)
-        return io.NodeOutput(out, heat, ui=ui.PreviewImage(out, cls=cls))
+        run = keep_run(rec.handle, record, rec.run_id, rec.block_name, image, rows, cfg, [])
+        shown = {"run": run, "block": rec.block_name, "sae": rec.handle.name, "feature": feature}
+        return io.NodeOutput(out, heat, ui={**ui.PreviewImage(out, cls=cls).as_dict(), "sae_workbench": [shown]})
 
 
 class TopFeatures(io.ComfyNode):
@@ -217,6 +195,7 @@ class TopFeatures(io.ComfyNode):
         order = ranked.argsort(descending=True)[: min(top_n, int((ranked > 0).sum()) or 1)]
         stats_mean = rec.handle.mean
         index = rec.handle.features_index()
+        names = rec.handle.labels()
         pbar = comfy.utils.ProgressBar(len(order))
         tiles, labels, ranking = [], [], []
         img = image[min(image_index, image.shape[0] - 1)].unsqueeze(0)
@@ -224,13 +203,15 @@ class TopFeatures(io.ComfyNode):
             fmap = _view(TOP, record, record.feature_map(f), rows, cfg)[image_index].unsqueeze(0)
             tile, _ = overlay(img, fmap, fmap.max(), colormap, alpha)
             tiles.append(tile[0])
-            labels.append(f"#{f}  {float(means[f]):.3g}")
+            labels.append(f"#{f}  {float(means[f]):.3g}" + (f"  {names[f]}" if f in names else ""))
             entry = {
                 "feature": f,
                 "mean_activation": float(means[f]),
                 "max_activation": float(fmap.max()),
                 "active_positions": int((fmap > 0).sum()),
             }
+            if f in names:
+                entry["label"] = names[f]
             if stats_mean is not None and float(stats_mean[f]) > 0:
                 entry["mean_in_feature_units"] = float(means[f]) / float(stats_mean[f])
             if index is not None:  # where the feature fired most in the SAE's training data
@@ -257,10 +238,13 @@ class TopFeatures(io.ComfyNode):
         }
         if index is not None and index.get("dump"):
             result["dataset"] = index["dump"]  # the folder the dataset image files are relative to
+        result["run"] = keep_run(rec.handle, record, rec.run_id, rec.block_name, image, rows, cfg, ranking)
         text = json.dumps(result, indent=2)
         if save_to is not None:
             _save_json(text, save_to, rec.block_name)
-        return io.NodeOutput(grid, text, ui={**ui.PreviewImage(grid, cls=cls).as_dict(), "text": [text]})
+        shown = {"run": result["run"], "block": rec.block_name, "sae": rec.handle.name}
+        return io.NodeOutput(grid, text, ui={**ui.PreviewImage(grid, cls=cls).as_dict(), "text": [text],
+                                             "sae_workbench": [shown]})
 
 
     @classmethod

@@ -4,13 +4,36 @@ chosen rows: that part is here, once."""
 
 from __future__ import annotations
 
+import math
 import threading
+import uuid
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from .patch import CallInfo, Edit
 from .sae_handle import SAEHandle
+
+
+# One id per sampling run, for every record of it (the probes of several blocks): ComfyUI makes one schedule
+# tensor per run, so the run is known by that object while it lives (the entry goes when the tensor does).
+_RUN_IDS: dict[int, str] = {}
+
+
+def run_id_of(schedule) -> str:
+    """The id of the sampling run whose schedule tensor is `schedule` (a new id when there is none)."""
+    if schedule is None:
+        return uuid.uuid4().hex
+    key = id(schedule)
+    run = _RUN_IDS.get(key)
+    if run is None:
+        run = _RUN_IDS[key] = uuid.uuid4().hex
+        try:
+            weakref.finalize(schedule, _RUN_IDS.pop, key, None)
+        except TypeError:  # its lifetime cannot be watched: do not keep the id
+            _RUN_IDS.pop(key, None)
+    return run
 
 
 @dataclass(eq=False)
@@ -20,6 +43,7 @@ class RunRecord:
     unchanged graph is served from ComfyUI's cache and keeps its record."""
 
     steps: frozenset | None = None  # the steps to record; None: every step
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the sampling run recorded (`run_id_of`)
     _schedule: object = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -30,6 +54,7 @@ class RunRecord:
         """Call with `_lock` held, before adding what `info`'s call recorded."""
         if info.schedule is not self._schedule:
             self._schedule = info.schedule
+            self.run_id = run_id_of(info.schedule)
             self._new_run()
 
 
@@ -47,6 +72,9 @@ class RecordingEdit(Edit):
         return info.rows(self.target)
 
 
+ROW_VIEWS = ["cond", "uncond", "cfg combined"]
+
+
 @dataclass
 class StepRecord:
     """Sparse SAE codes of one block at one sampling step: `values`/`indices` `[rows, H, W, width]`."""
@@ -61,6 +89,33 @@ class StepRecord:
     def feature_map(self, feature: int) -> torch.Tensor:
         """Activation of `feature` at every position, `[rows, H, W]`."""
         return (self.values * (self.indices == feature)).sum(-1)
+
+    def rows_of(self, kind: int) -> list[int]:
+        """The rows of one kind (0 cond, 1 uncond), in image order."""
+        return sorted((r for r, k in enumerate(self.row_kind) if k == kind), key=lambda r: self.row_image[r])
+
+    def by_image(self, per_row: torch.Tensor, view: str, cfg: float) -> torch.Tensor:
+        """`per_row` (indexed by this record's rows) for one view, one entry per image in batch order: the cond
+        rows, the uncond rows, or their CFG combination `uncond + cfg * (cond - uncond)` (codes whose decoding
+        is the CFG combination of the two reconstructions; negative where a feature fires more without the
+        prompt). ValueError for a view the record cannot give."""
+        if view not in ROW_VIEWS:
+            raise ValueError(f"rows must be one of {', '.join(ROW_VIEWS)}, got {str(view)[:40]!r}")
+        cond, uncond = self.rows_of(0), self.rows_of(1)
+        if view != "uncond" and not cond:
+            raise ValueError("the probe recorded no cond rows; set the probe's apply_to to cond or both")
+        if view != "cond" and not uncond:
+            raise ValueError("the probe recorded no uncond rows (at cfg 1 ComfyUI runs none); set the probe's "
+                             "apply_to to uncond or both and sample with cfg > 1")
+        if view == "cond":
+            return per_row[cond]
+        if view == "uncond":
+            return per_row[uncond]
+        if [self.row_image[r] for r in cond] != [self.row_image[r] for r in uncond]:
+            raise ValueError("the probe's cond and uncond rows are of different images")
+        if not math.isfinite(cfg):
+            raise ValueError(f"cfg must be a finite number, got {cfg!r}")
+        return per_row[uncond] + cfg * (per_row[cond] - per_row[uncond])
 
     def mean_activation(self, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Mean activation of every feature over the positions of each row, `[rows, n_features]`;

@@ -7,7 +7,8 @@ import os
 
 import folder_paths
 
-from ..sae_models.formats import list_saes
+from ..sae_models.formats import list_saes, load
+from ..sae_models.formats.native import read_summary
 from .errors import NodeInputError, excerpt
 from .paths import confine, relative_parts
 
@@ -59,3 +60,11 @@ def find_sae(node: str, name: str) -> str:
         if os.path.exists(path):
             return path
     raise NodeInputError(node, f"{excerpt(name)} is not in the SAE folders ({', '.join(roots)})")
+
+
+def sae_header(path: str):
+    """An SAE's config and statistics; native files are read without their weights."""
+    if path.endswith(".safetensors"):
+        return read_summary(path)
+    sae = load(path)
+    return sae.config, sae.stats

@@ -10,6 +10,7 @@ from torch import nn
 import comfy.model_patcher
 
 from ..sae_models import SAEFormatError, SparseAutoencoder
+from ..sae_models.labels import LabelError, read_labels
 from ..sae_models.stats import features_index_path, read_features_index
 
 
@@ -60,6 +61,16 @@ class SAEHandle:
                 except SAEFormatError:
                     return None  # an unreadable index only means no examples are shown
         return self._index
+
+    def labels(self) -> dict[int, str]:
+        """The feature labels kept beside the SAE (`sae_models.labels`); {} when there are none or they cannot
+        be read (a bad labels file only means no labels are shown)."""
+        if not self.path:
+            return {}
+        try:
+            return read_labels(self.path, self.sae.n_features)
+        except LabelError:
+            return {}
 
     def describe(self) -> str:
         c = self.sae.config

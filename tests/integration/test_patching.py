@@ -72,10 +72,11 @@ NODES = {  # id (saved in workflows) -> display name
     "UnboxFeatureHeatmap": "SAE Feature Heatmap", "UnboxTopFeatures": "SAE Top Features",
     "UnboxDumpActivations": "SAE Dump Activations", "UnboxDumpImages": "SAE Dump Images",
     "UnboxPromptList": "SAE Prompt List", "UnboxTrainSAE": "SAE Train",
+    "UnboxPaintedMask": "SAE Painted Mask", "UnboxFindFeatures": "SAE Find Features",
 }
 
 
-def test_all_ten_nodes_are_registered_through_the_v3_entry_point(comfy_pack):
+def test_all_nodes_are_registered_through_the_v3_entry_point(comfy_pack):
     assert comfy_pack.pack_node_names == set(NODES)
     assert {n: comfy_pack.nodes.NODE_DISPLAY_NAME_MAPPINGS[n] for n in NODES} == NODES
     assert not hasattr(comfy_pack.module, "NODE_CLASS_MAPPINGS")  # ComfyUI would ignore the entry point
