@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 AUTO = "auto (the SAE's block)"
 WIDTH = 3072
+T5_WIDTH = 4096  # the file's text width: v0.3.64 detects FLUX with T5-XXL's only
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def graph(models: dict) -> dict:
     """UNETLoader -> each MODEL variant -> KSampler -> SaveLatent `flux_server/<name>`."""
     g = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux_min.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "TinyFluxDualCLIPLoader", "inputs": {"seed": 0}},
+        "2": {"class_type": "TinyFluxDualCLIPLoader", "inputs": {"seed": 0, "t5_width": T5_WIDTH}},
         "3": {"class_type": "CLIPTextEncodeFlux", "inputs": {"clip": ["2", 0], "clip_l": "", "t5xxl": "a red fox",
                                                              "guidance": 3.5}},
         "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},

@@ -22,6 +22,7 @@ import comfy.supported_models
 
 HIDDEN = 64  # FLUX.1: 3072
 CONTEXT_DIM = 64  # T5-XXL: 4096
+T5_WIDTH = 4096
 VEC_DIM = 32  # CLIP-L pooled: 768
 LATENT_CHANNELS = 16
 
@@ -73,11 +74,12 @@ def text_length(text: str) -> int:
     return 4 + len(text.split())
 
 
-def tiny_flux_conditioning(t5_text: str, clip_text: str = "", seed: int = 0, guidance: float = 3.5) -> list:
+def tiny_flux_conditioning(t5_text: str, clip_text: str = "", seed: int = 0, guidance: float = 3.5,
+                           width: int = CONTEXT_DIM) -> list:
     """CONDITIONING as CLIPTextEncodeFlux makes it: T5 tokens `[1, n, 64]` from `t5_text`, the pooled CLIP-L
-    vector `[1, 32]` from `clip_text`, and the guidance."""
+    vector `[1, 32]` from `clip_text`, and the guidance. `width` is the T5 token width (T5-XXL's is 4096)."""
     gen = torch.Generator().manual_seed(_text_seed(t5_text, seed))
-    cond = torch.randn(1, text_length(t5_text), CONTEXT_DIM, generator=gen)
+    cond = torch.randn(1, text_length(t5_text), width, generator=gen)
     pooled = torch.randn(1, VEC_DIM, generator=torch.Generator().manual_seed(_text_seed("clip:" + clip_text, seed)))
     return [[cond, {"pooled_output": pooled, "guidance": guidance}]]
 
@@ -86,14 +88,15 @@ class TinyFluxCLIP:
     """Stand-in for FLUX's CLIP-L + T5-XXL (DualCLIPLoader type flux), for CLIPTextEncode and
     CLIPTextEncodeFlux: each prompt maps to its own pseudo-random conditioning of FLUX's layout."""
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, width: int = CONTEXT_DIM):
+        self.seed, self.width = seed, width
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
         return {"l": text, "t5xxl": text}
 
     def _encode(self, tokens: dict, guidance=None):
-        (cond, extra), = tiny_flux_conditioning(tokens["t5xxl"], tokens.get("l", ""), self.seed)
+        (cond, extra), = tiny_flux_conditioning(tokens["t5xxl"], tokens.get("l", ""), self.seed,
+                                               width=self.width)
         extra.pop("guidance")
         if guidance is not None:
             extra["guidance"] = guidance
@@ -131,10 +134,12 @@ def tiny_flux_vae(seed: int = 0) -> comfy.sd.VAE:
 
 def write_loadable_flux(path, seed: int = 0, guidance: bool = False) -> None:
     """The smallest FLUX file ComfyUI's UNETLoader detects as FLUX (hidden size 3072, as it requires): one
-    double-stream and one single-stream block, small text widths, random bfloat16 weights."""
+    double-stream and one single-stream block, T5-XXL's token width (v0.3.64 fixes it at 4096, v0.8.0 reads it
+    from the file), a small CLIP width, random bfloat16 weights."""
     from safetensors.torch import save_file
 
-    config = unet_config(guidance, hidden=3072, heads=24, axes=(16, 56, 56), depth=1, depth_single=1)
+    config = unet_config(guidance, hidden=3072, heads=24, axes=(16, 56, 56), depth=1, depth_single=1,
+                         context=T5_WIDTH)
     model = comfy.ldm.flux.model.Flux(**config, dtype=torch.bfloat16, operations=comfy.ops.manual_cast)
     _fill(model, seed)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, str(path))

@@ -83,14 +83,15 @@ class TinyFluxDualCLIPLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})},
+                "optional": {"t5_width": ("INT", {"default": tiny_flux.CONTEXT_DIM, "min": 1, "max": 4096})}}
 
     RETURN_TYPES = ("CLIP",)
     FUNCTION = "load"
     CATEGORY = "testing"
 
-    def load(self, seed=0):
-        return (tiny_flux.TinyFluxCLIP(seed),)
+    def load(self, seed=0, t5_width=tiny_flux.CONTEXT_DIM):
+        return (tiny_flux.TinyFluxCLIP(seed, t5_width),)
 
 
 class TinyFluxVAELoader:
