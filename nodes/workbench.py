@@ -21,7 +21,7 @@ import io as _io
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ class BlockView:
 
     sae: str
     n_features: int
+    k: int | None
     record: StepRecord
     view: str
     cfg: float
@@ -75,7 +76,7 @@ class Run:
 
     def describe(self) -> dict:
         return {"run": self.id, "created": self.created, "images": len(self.images),
-                "blocks": [{"block": name, "sae": b.sae, "n_features": b.n_features, "rows": b.view,
+                "blocks": [{"block": name, "sae": b.sae, "n_features": b.n_features, "k": b.k, "rows": b.view,
                             "grid": list(b.record.values.shape[1:3]), "ranking": b.ranking}
                            for name, b in self.blocks.items()]}
 
@@ -96,11 +97,16 @@ class RunStore:
         self._lock = threading.Lock()
 
     def add(self, run_id: str, images: torch.Tensor, block: str, view: BlockView) -> None:
-        """Record one probed block of a run (the run is made, with its images, by its first block)."""
+        """Record one probed block of a run (the run is made, with its images, by its first block). A view
+        without a ranking (Feature Heatmap's) keeps the ranking Top Features gave the block in the same run,
+        whichever of the two nodes ran first."""
         with self._lock:
             run = self._runs.get(run_id)
             if run is None:
                 run = self._runs[run_id] = Run(run_id, [_png(img) for img in images])
+            old = run.blocks.get(block)
+            if old is not None and not view.ranking and old.ranking:
+                view = replace(view, ranking=old.ranking)
             run.blocks[block] = view
             self._runs.move_to_end(run_id)
             while len(self._runs) > self.max_runs or (
@@ -132,7 +138,8 @@ def keep_run(handle, record: StepRecord, run_id: str, block: str, images: torch.
     """Hand a probed block of a run to the workbench (called by the nodes that have its record and image)."""
     stats = {name: getattr(handle.sae.stats, name).float().tolist()
              for name in ("mean", "frequency") if getattr(handle.sae.stats, name) is not None}
-    RUNS.add(run_id, images, block, BlockView(handle.name, handle.sae.n_features, record, view, cfg, ranking, stats))
+    RUNS.add(run_id, images, block, BlockView(handle.name, handle.sae.n_features, handle.sae.config.k, record, view,
+                                              cfg, ranking, stats))
     return run_id
 
 

@@ -238,17 +238,23 @@ def _stop(process: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def _serve(comfyui_path: Path, root: Path, frontend: bool, extra_args: tuple = ()):
     """A headless ComfyUI server (CPU) with the pack and the tiny test nodes under `root`; stopped after.
-    `extra_args` go to main.py (e.g. `--fp16-unet`)."""
+    `extra_args` go to main.py (e.g. `--fp16-unet`). A `root` used before is used again as it is (a restart)."""
     names = ("custom_nodes", "checkpoints", "diffusion_models", "sae", "output", "input", "temp", "user", "frontend",
              "bigdisk", "yamldisk")
     dirs = {n: root / n for n in names}
     for d in dirs.values():
-        d.mkdir()
+        d.mkdir(exist_ok=True)
+    # the frontend's first-run Templates dialog would cover the page in browser tests
+    settings = dirs["user"] / "default" / "comfy.settings.json"
+    if not settings.exists():
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text('{"Comfy.TutorialCompleted": true}')
     # Extra dump folders, registered both ways the README gives: an environment variable and the
     # `sae_dumps` key of extra_model_paths.yaml (named by the folder's last component).
     registered = {"bigdisk": dirs["bigdisk"], "yamldisk": dirs["yamldisk"]}
-    (dirs["custom_nodes"] / PACK_FOLDER_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
-    (dirs["custom_nodes"] / "tiny_nodes").symlink_to(SUPPORT / "tiny_nodes", target_is_directory=True)
+    for name, target in ((PACK_FOLDER_NAME, REPO_ROOT), ("tiny_nodes", SUPPORT / "tiny_nodes")):
+        if not (dirs["custom_nodes"] / name).exists():
+            (dirs["custom_nodes"] / name).symlink_to(target, target_is_directory=True)
     yaml_path = root / "extra_model_paths.yaml"
     yaml_path.write_text("comfyui_sae_tests:\n" + "".join(
         f"  {key}: {dirs[key]}\n" for key in ("custom_nodes", "checkpoints", "diffusion_models", "sae"))
@@ -288,10 +294,11 @@ def comfy_server(comfyui_path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def start_comfy_server(comfyui_path, tmp_path_factory):
-    """Start another headless server with extra main.py arguments: `with start_comfy_server("--fp16-unet") as s:`."""
+    """Start another headless server: `with start_comfy_server("--fp16-unet") as s:`; `root=` a folder of an
+    earlier one to restart it on the same folders, `frontend=True` to serve the web frontend too."""
 
-    def start(*extra_args: str):
-        return _serve(comfyui_path, tmp_path_factory.mktemp("comfy_server_args"), frontend=False,
+    def start(*extra_args: str, root: Path | None = None, frontend: bool = False):
+        return _serve(comfyui_path, root or tmp_path_factory.mktemp("comfy_server_args"), frontend=frontend,
                       extra_args=extra_args)
 
     return start

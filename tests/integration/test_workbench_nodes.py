@@ -105,7 +105,7 @@ def test_the_run_store_keeps_the_newest_runs_within_its_bounds(pk):
     h = make_sae(pk)
     image = torch.rand(1, 32, 32, 3)
     for i in range(5):
-        view = wb.BlockView(h.name, 32, record(pk, seed=i), "cond", 1.0, [], {})
+        view = wb.BlockView(h.name, 32, 8, record(pk, seed=i), "cond", 1.0, [], {})
         store.add(f"run{i}", image, "mid.0", view)
     assert [r["run"] for r in store.list()] == ["run4", "run3", "run2"]
     with pytest.raises(wb.Refused, match="no run 'run0' is kept"):
@@ -113,8 +113,21 @@ def test_the_run_store_keeps_the_newest_runs_within_its_bounds(pk):
     one = store.get("run4").nbytes
     small = wb.RunStore(max_runs=10, max_bytes=int(one * 2.5))  # room for two runs' codes and images
     for i in range(5):
-        small.add(f"run{i}", image, "mid.0", wb.BlockView(h.name, 32, record(pk, seed=i), "cond", 1.0, [], {}))
+        small.add(f"run{i}", image, "mid.0", wb.BlockView(h.name, 32, 8, record(pk, seed=i), "cond", 1.0, [], {}))
     assert [r["run"] for r in small.list()] == ["run4", "run3"] and small.nbytes <= one * 2.5
     # a second block of a run joins it rather than making another run
-    small.add("run4", image, "up.0.1", wb.BlockView(h.name, 32, record(pk, seed=9), "cond", 1.0, [], {}))
+    small.add("run4", image, "up.0.1", wb.BlockView(h.name, 32, 8, record(pk, seed=9), "cond", 1.0, [], {}))
     assert [b["block"] for b in small.list()[0]["blocks"]] == ["mid.0", "up.0.1"]
+
+
+@pytest.mark.parametrize("heatmap_first", [True, False])
+def test_a_heatmap_of_a_block_keeps_the_ranking_top_features_gave_it(pk, heatmap_first):
+    """Top Features and Feature Heatmap of one block run in either order: the block keeps its ranking."""
+    wb = sys.modules[pk.patch.__name__.rsplit(".", 1)[0] + ".workbench"]
+    store, h, image = wb.RunStore(), make_sae(pk), torch.rand(1, 32, 32, 3)
+    ranked = wb.BlockView(h.name, 32, 8, record(pk), "cond", 1.0, [{"feature": 5, "mean_activation": 1.0}], {})
+    heat = wb.BlockView(h.name, 32, 8, record(pk), "cond", 1.0, [], {})
+    for view in ((heat, ranked) if heatmap_first else (ranked, heat)):
+        store.add("run", image, "mid.0", view)
+    (block,) = store.list()[0]["blocks"]
+    assert block["ranking"] == [{"feature": 5, "mean_activation": 1.0}]

@@ -1,0 +1,333 @@
+"""The workbench panel in ComfyUI's real web frontend (Debian's Chromium, headless, Playwright) on a real server
+with the tiny SDXL model: explore, click a feature (the overlay's pixels checked against the SAE codes of the
+block's update, dumped in a run of its own and encoded here), paint and apply (the graph holds the steer node
+wired to the painted mask; the image changes where it was painted), labels that survive a restart and can be
+searched, a published label set imported, the feature icon, and a concept search that finds a planted feature.
+Screenshots go to tests/artifacts/ (kept by CI as artefacts; git ignores them)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+from model_files import PAPER_SAE_FOLDERS  # noqa: E402
+from paper_release import write_paper_release  # noqa: E402
+from workflow_api import ui_to_api  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+INFERNO = [(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)]  # matplotlib's, at 0..1
+PLANTED, PLANTED_FEATURE = "planted_mid.safetensors", 17
+SAMPLER = ("euler_ancestral", "sgm_uniform", 512)  # the explore workflow's sampler, scheduler, image side
+
+
+def inferno(v: float) -> np.ndarray:
+    """The colour of a heat value in [0, 1], as nodes/render.py defines inferno (linear between the anchors)."""
+    x = min(max(v, 0.0), 1.0) * 4
+    lo = min(int(x), 3)
+    f = x - lo
+    return np.array([a * (1 - f) + b * f for a, b in zip(INFERNO[lo], INFERNO[lo + 1])])
+
+
+def planted_sae(tiny, comfy_pack, folder: Path):
+    """An SAE on mid.0 whose feature 17 points along the update difference of 'a red car' minus 'a car' (seeds
+    0 and 1, the explore workflow's sampler and size), so that it fires more for the red car."""
+    import comfy.sample
+
+    import sae_models
+
+    model = tiny.tiny_model(0)
+    block = model.model.diffusion_model.get_submodule("middle_block.1")
+    means = []
+    for prompt in ("a red car", "a car"):
+        seen = []
+        handle = block.register_forward_hook(lambda m, a, o: seen.append((o - a[0])[0].mean((1, 2))))
+        try:
+            for seed in (0, 1):
+                latent = torch.zeros(1, 4, SAMPLER[2] // 8, SAMPLER[2] // 8)
+                with torch.inference_mode():
+                    comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), 1, 1.0, SAMPLER[0],
+                                        SAMPLER[1], tiny.tiny_conditioning(prompt), tiny.tiny_conditioning(""), latent,
+                                        disable_pbar=True, seed=seed)
+        finally:
+            handle.remove()
+        means.append(torch.stack(seen).mean(0))
+    direction = means[0] - means[1]
+    g = torch.Generator().manual_seed(3)
+    sae = sae_models.build(sae_models.SAEConfig(architecture="topk", d_in=128, n_features=64, k=4, block="mid.0"))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(64, 128, generator=g) * 0.01)
+        sae.W_dec.copy_(torch.randn(64, 128, generator=g) / 128 ** 0.5)
+        sae.W_enc[PLANTED_FEATURE] = 10 * direction / direction.norm()
+        sae.b_enc[PLANTED_FEATURE] = 100.0
+    sae.stats = sae_models.FeatureStats(mean=torch.rand(64, generator=g) + 0.5, frequency=torch.rand(64, generator=g))
+    sae_models.save(sae, folder / PLANTED)
+
+
+def explore_workflow() -> dict:
+    wf = json.loads((ROOT / "example_workflows" / "explore.json").read_text())
+    for node in wf["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["type"], node["widgets_values"] = "TinySDXLCheckpointLoader", ["tiny", 0]
+        if node["type"] == "UnboxLoadSAE" and "mid_block" in node["widgets_values"][0]:
+            node["widgets_values"] = [PLANTED]
+    return wf
+
+
+@pytest.fixture(scope="module")
+def served(start_comfy_server, tmp_path_factory, tiny, comfy_pack):
+    """A server with the frontend, on a folder of its own so that the test can restart it."""
+    root = tmp_path_factory.mktemp("workbench_server")
+    sae_dir = root / "sae"
+    sae_dir.mkdir()
+    for i, folder in enumerate(PAPER_SAE_FOLDERS.values()):
+        write_paper_release(sae_dir / folder, seed=i)
+    planted_sae(tiny, comfy_pack, sae_dir)
+    return root
+
+
+class Browser:
+    def __init__(self, p, url):
+        self.browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        self.page = self.browser.new_page(viewport={"width": 1600, "height": 1100})
+        self.errors = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.goto(url, wait_until="domcontentloaded")
+        self.page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=120_000)
+
+    def shot(self, name: str):
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"workbench_{name}.png"))
+
+    def load(self, workflow: dict):
+        """Open a workflow. The tiny checkpoint loader's weight seed is a `seed` widget, which the frontend gives
+        a 'randomize' control; fixed, every run samples the same model (CheckpointLoaderSimple has no seed)."""
+        self.page.evaluate("""async (wf) => {
+            await window.app.loadGraphData(wf);
+            for (const n of window.app.graph.nodes)
+                for (const w of n.widgets || []) if (w.name === 'control_after_generate') w.value = 'fixed';
+        }""", workflow)
+
+    def wait_for(self, locator, what: str, timeout: float = 60_000):
+        """Wait for `locator`; on a timeout, keep a screenshot and say what the panel's status line showed."""
+        try:
+            locator.wait_for(timeout=timeout)
+        except Exception as e:
+            self.shot(f"failed_{what}")
+            status = self.page.get_by_test_id("sae-status").text_content()
+            raise AssertionError(f"waiting for {what}: {e}; the panel says {status!r}; page errors {self.errors}")
+
+    def open_panel(self):
+        self.page.get_by_role("button", name="SAE Unbox workbench").first.click()
+        self.page.get_by_test_id("sae-workbench").wait_for(timeout=30_000)
+
+
+def runs(url) -> list:
+    return requests.get(f"{url}/sae_unbox/workbench/runs", timeout=60).json()
+
+
+def image(url, run) -> np.ndarray:
+    r = requests.get(f"{url}/sae_unbox/workbench/image", params={"run": run}, timeout=60)
+    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.int16)
+
+
+def wait_for_new_run(b: Browser, before: int, blocks: int = 4):
+    """Until the panel lists more runs than `before`, the newest with all the explore workflow's blocks."""
+    b.page.wait_for_function(f"""() => document.querySelectorAll('[data-testid=sae-run] option').length > {before}
+        && document.querySelectorAll('[data-testid=sae-block] option').length >= {blocks}""", timeout=300_000)
+
+
+def dump_unedited(server):
+    """Run the explore workflow again (same seed, so the same update) with SAE Dump Activations of down.2.1
+    before its probes, into output/wb_check."""
+    wf = explore_workflow()
+    api = ui_to_api(wf, requests.get(f"{server.url}/object_info", timeout=60).json())
+    (loader,) = [k for k, v in api.items() if v["class_type"] == "TinySDXLCheckpointLoader"]
+    first_probe = next(k for k, v in api.items() if v["class_type"] == "UnboxProbeBlock" and v["inputs"]["model"][0] == loader)
+    api["900"] = {"class_type": "UnboxDumpActivations", "inputs": {
+        "model": [loader, 0], "folder": "wb_check", "blocks": "down.2.1", "steps": "all", "apply_to": "cond",
+        "fields": "update", "dtype": "float32", "rows_per_shard": 256}}
+    api[first_probe]["inputs"]["model"] = ["900", 0]
+    decode = next(k for k, v in api.items() if v["class_type"] == "VAEDecode")
+    api["901"] = {"class_type": "UnboxDumpImages", "inputs": {"images": [decode, 0], "dump": ["900", 1],
+                                                              "commit": "after every prompt"}}
+    server.run(api, timeout=600)
+
+
+def wait_idle(server, timeout: float = 600):
+    """Until the server's queue is empty (the panel's prompts are done and in /history)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        q = requests.get(f"{server.url}/queue", timeout=60).json()
+        if not q["queue_running"] and not q["queue_pending"]:
+            return
+        time.sleep(0.5)
+    raise AssertionError("the server's queue did not empty")
+
+
+def dump_after_steer(server, folder: str) -> dict:
+    """Run the newest queued prompt again with SAE Dump Activations of down.2.1 between the steer node and its
+    sampler (so it records the edited update); return the ids of the steer node and of its mask node."""
+    wait_idle(server)
+    history = requests.get(f"{server.url}/history", params={"max_items": 1}, timeout=60).json()
+    (entry,) = history.values()
+    api = entry["prompt"][2]
+    (steer,) = [k for k, v in api.items() if v["class_type"] == "UnboxSteerFeatures"]
+    (sampler,) = [k for k, v in api.items() if v["inputs"].get("model") == [steer, 0]]
+    api["910"] = {"class_type": "UnboxDumpActivations", "inputs": {
+        "model": [steer, 0], "folder": folder, "blocks": "down.2.1", "steps": "all", "apply_to": "cond",
+        "fields": "update", "dtype": "float32", "rows_per_shard": 256}}
+    api[sampler]["inputs"]["model"] = ["910", 0]
+    decode = next(k for k, v in api.items() if v["class_type"] == "VAEDecode" and v["inputs"]["samples"] == [sampler, 0])
+    api["911"] = {"class_type": "UnboxDumpImages", "inputs": {"images": [decode, 0], "dump": ["910", 1],
+                                                              "commit": "after every prompt"}}
+    server.run(api, timeout=600)
+    return {"steer": steer, "mask_node": api[steer]["inputs"]["mask"][0]}
+
+
+def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium')")
+    import sae_models
+
+    with start_comfy_server(root=served, frontend=True) as server, sync_api.sync_playwright() as p:
+        b = Browser(p, server.url)
+        assert "sae_unbox.workbench" in b.page.evaluate("() => window.app.extensions.map(e => e.name)")
+        b.load(explore_workflow())
+        b.open_panel()
+        b.page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+        wait_for_new_run(b, 0)
+        b.page.get_by_test_id("sae-block").select_option("down.2.1")
+        first = b.page.locator("[data-testid=sae-ranking][data-block='down.2.1'] button").first
+        b.wait_for(first, "ranking")
+        feature = int(first.get_attribute("data-testid").rsplit("-", 1)[1])
+
+        # -- click a feature: its heatmap, from the codes the server kept, over the image
+        b.page.get_by_test_id(f"sae-feature-{feature}").click()
+        b.page.wait_for_function(f"() => document.querySelector('[data-testid=sae-overlay]').dataset.feature === '{feature}'",
+                                 timeout=60_000)
+        pixels = np.array(b.page.evaluate("""() => {
+            const c = document.querySelector('[data-testid=sae-overlay]');
+            return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")).reshape(16, 16, 4)
+        b.shot("explore")
+        dump_unedited(server)
+        shard = next((server.output_dir / "wb_check" / "down.2.1").glob("*.safetensors"))
+        with safe_open(str(shard), "pt") as f:
+            update = f.get_tensor("update")  # [256, 1280]: down.2.1's 16x16 grid at 512x512, row-major
+        sae = sae_models.load(server.sae_dir / PAPER_SAE_FOLDERS["down.2.1"])
+        with torch.no_grad():
+            pre = (update - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+            kth = pre.topk(sae.config.k, dim=-1).values[:, -1:]
+            heat = torch.where(pre >= kth, pre, 0.0).clamp_min(0)[:, feature].reshape(16, 16)
+        expected = np.stack([inferno(float(v)) for v in (heat / heat.max()).flatten()]).reshape(16, 16, 3)
+        assert np.abs(pixels[..., :3] - expected).max() <= 1.0 and (pixels[..., 3] == 255).all()
+
+        # -- paint the top-left quarter with the feature, apply: a steer node wired to the painted mask
+        before = image(server.url, runs(server.url)[0]["run"])
+        b.page.get_by_test_id("sae-strength").fill("4")
+        b.page.get_by_test_id("sae-paint-mode").click()
+        box = b.page.get_by_test_id("sae-paint").bounding_box()
+        b.page.get_by_test_id("sae-brush").fill("120")
+        b.page.mouse.move(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.1)
+        b.page.mouse.down()
+        for t in np.linspace(0.1, 0.4, 12):
+            b.page.mouse.move(box["x"] + box["width"] * t, box["y"] + box["height"] * 0.1)
+            b.page.mouse.move(box["x"] + box["width"] * t, box["y"] + box["height"] * 0.4)
+        b.page.mouse.up()
+        n_runs = len(runs(server.url))
+        b.page.get_by_test_id("sae-apply").click()
+        wiring = b.page.evaluate("""() => {
+            const g = window.app.graph;
+            const steer = g.nodes.find(n => n.type === 'UnboxSteerFeatures');
+            const maskNode = steer.getInputNode(steer.findInputSlot('mask'));
+            const sampler = g.nodes.find(n => n.type === 'KSampler');
+            return {props: steer.properties.sae_workbench, mask: maskNode.type,
+                    png: maskNode.widgets.find(w => w.name === 'mask').value.slice(0, 22),
+                    samplerModel: sampler.getInputNode(sampler.findInputSlot('model')).type,
+                    steerModel: steer.getInputNode(steer.findInputSlot('model')).type,
+                    sae: steer.getInputNode(steer.findInputSlot('sae')).widgets.find(w => w.name === 'sae_name').value,
+                    features: steer.widgets.find(w => w.name === 'features').value}; }""")
+        assert wiring["props"] == {"block": "down.2.1", "feature": feature, "sae": PAPER_SAE_FOLDERS["down.2.1"]}
+        assert wiring["mask"] == "UnboxPaintedMask" and wiring["png"] == "data:image/png;base64,"
+        assert wiring["samplerModel"] == "UnboxSteerFeatures" and wiring["steerModel"] == "UnboxProbeBlock"
+        assert wiring["sae"] == PAPER_SAE_FOLDERS["down.2.1"] and wiring["features"] == str(feature)
+        wait_for_new_run(b, n_runs)
+        after = image(server.url, runs(server.url)[0]["run"])
+        assert after.shape == before.shape and (after != before).any()
+        # Where the edit landed: the panel's own queued prompt run again with the block's update dumped behind
+        # the steer node. (A random-weight model's GroupNorms and attention spread any change over the whole
+        # image, so locality is checked at the block, where the paint acts.)
+        edited = dump_after_steer(server, "wb_edited")
+        with safe_open(str(next((server.output_dir / "wb_edited" / "down.2.1").glob("*.safetensors"))), "pt") as f:
+            after_update = f.get_tensor("update")
+        png = b.page.evaluate(f"() => window.app.graph.getNodeById({edited['mask_node']}).widgets"
+                              ".find(w => w.name === 'mask').value")
+        painted = np.asarray(Image.open(io.BytesIO(base64.b64decode(png.split(",", 1)[1]))).convert("L"),
+                             dtype=np.float64) / 255
+        weights = torch.tensor(painted.reshape(16, 32, 16, 32).mean((1, 3)), dtype=torch.float32).reshape(256, 1)
+        assert weights.reshape(16, 16)[1:7, 1:7].min() > 0.99 and weights.reshape(16, 16)[9:, :].max() == 0
+        direction = 4 * float(sae.stats.mean[feature]) * sae.feature_directions([feature])[0]
+        torch.testing.assert_close(after_update - update, weights * direction, atol=1e-4, rtol=1e-4)
+        assert torch.equal(after_update[weights[:, 0] == 0], update[weights[:, 0] == 0])  # untouched off the paint
+        b.shot("painted")
+        saved = b.page.evaluate("async () => JSON.stringify((await window.app.graphToPrompt()).workflow)")
+        assert "data:image/png;base64," in saved  # the painting is kept in the workflow
+
+        # -- label the feature; import a published label set
+        b.page.get_by_test_id("sae-label-input").fill("a planted test label")
+        b.page.get_by_test_id("sae-label-save").click()
+        b.page.get_by_test_id(f"sae-feature-{feature}").filter(has_text="a planted test label").wait_for(timeout=30_000)
+        label_file = served / "input" / "labels.csv"
+        label_file.write_text(f"block,feature_id,caption\ndown.2.1,{(feature + 1) % 512},imported label\n"
+                              "up.0.1,1,another block\n")
+        b.page.get_by_test_id("sae-label-import").set_input_files(str(label_file))
+        b.page.get_by_test_id("sae-status").filter(has_text="imported 1 labels").wait_for(timeout=30_000)
+
+        # -- feature icon of the selected feature
+        b.page.get_by_test_id("sae-icon").click()
+        b.page.get_by_test_id("sae-icon-image").wait_for(timeout=300_000)
+
+        # -- concept search, on mid.0 (the planted SAE)
+        b.page.get_by_test_id("sae-block").select_option("mid.0")
+        b.page.get_by_test_id("sae-concept").fill("a red car")
+        b.page.get_by_test_id("sae-neutral").fill("a car")
+        b.page.get_by_test_id("sae-find").click()
+        found = b.page.get_by_test_id("sae-found").locator("button").first
+        found.wait_for(timeout=300_000)
+        assert found.get_attribute("data-testid") == f"sae-found-{PLANTED_FEATURE}"
+        b.shot("found")
+        assert not [e for e in b.errors if "sae_unbox" in e or "workbench" in e]
+        b.browser.close()
+
+    # -- restart the server: the label is still there, and the panel's label search finds it
+    with start_comfy_server(root=served, frontend=True) as server, sync_api.sync_playwright() as p:
+        sae_name = PAPER_SAE_FOLDERS["down.2.1"]
+        labels = requests.get(f"{server.url}/sae_unbox/labels", params={"sae": sae_name}, timeout=60).json()["labels"]
+        assert labels[str(feature)] == "a planted test label" and labels[str((feature + 1) % 512)] == "imported label"
+        b = Browser(p, server.url)
+        b.load(explore_workflow())
+        b.open_panel()
+        b.page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+        wait_for_new_run(b, 0)
+        b.page.get_by_test_id("sae-block").select_option("down.2.1")
+        b.page.get_by_test_id("sae-label-search").fill("planted test")
+        b.page.get_by_test_id(f"sae-label-hit-{feature}").wait_for(timeout=30_000)
+        b.shot("labels")
+        b.browser.close()
