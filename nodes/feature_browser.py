@@ -20,6 +20,7 @@ from aiohttp import web
 
 from ..sae_models import FeatureStats, FeatureTable, SAEError
 from ..sae_models.features_table import SORT_KEYS
+from ..sae_models.labels import LabelError, read_labels
 from ..sae_models.stats import features_index_path, read_features_index
 from .errors import NodeInputError
 from .routes import PREFIX, Refused, answer
@@ -44,10 +45,17 @@ class _Entry:
     def __init__(self, name: str, path: str, index_path: str):
         config, stats = sae_header(path)
         index = read_features_index(index_path, config.n_features)
-        self.name, self.config = name, config
+        self.name, self.config, self.path = name, config, path
         self.table = FeatureTable(index, stats)
         dump = index.get("dump")
         self.dump = os.path.realpath(dump) if isinstance(dump, str) and dump else None
+
+    def refresh_labels(self) -> None:
+        """The labels as they are now (they change while the page is open); a bad file shows none."""
+        try:
+            self.table.labels = read_labels(self.path, self.config.n_features)
+        except LabelError:
+            self.table.labels = {}
 
     def summary(self) -> dict:
         return {**_describe(self.name, self.config, self.table.stats), "top_n": self.table.index.get("top_n"),
@@ -133,6 +141,7 @@ class FeatureBrowser:
             raise Refused(400, "offset and limit must be integers") from None
         if offset < 0 or not 1 <= limit <= MAX_LIMIT:
             raise Refused(400, f"offset must be >= 0 and limit between 1 and {MAX_LIMIT}")
+        entry.refresh_labels()
         result = entry.table.query(sort=sort, descending=order == "desc", text=q.get("q", ""),
                                    hide_dead=q.get("hide_dead", "0") in ("1", "true"), offset=offset, limit=limit)
         return {"sae": entry.summary(), **result}

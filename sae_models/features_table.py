@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .metadata import FeatureStats
 
@@ -15,10 +15,12 @@ _FEATURE_ID = re.compile(r"#?(\d+)")
 
 @dataclass
 class FeatureTable:
-    """`index`: a features index (`stats.read_features_index`); `stats`: the SAE's statistics (may be empty)."""
+    """`index`: a features index (`stats.read_features_index`); `stats`: the SAE's statistics (may be empty);
+    `labels`: the features' labels (`labels.read_labels`), searched and shown with them."""
 
     index: dict
     stats: FeatureStats
+    labels: dict = field(default_factory=dict)
 
     @property
     def n_features(self) -> int:
@@ -27,7 +29,7 @@ class FeatureTable:
     def row(self, f: int) -> dict:
         """One feature: its statistics (None where unknown), best value in the index, and top images."""
         return {"feature": f, **{name: self._stat(name, f) for name in ("frequency", "mean", "std")},
-                "max": self._max(f), "top": self.index["features"][f]}
+                "max": self._max(f), "label": self.labels.get(f), "top": self.index["features"][f]}
 
     def _stat(self, name: str, f: int) -> float | None:
         t = getattr(self.stats, name)
@@ -46,8 +48,8 @@ class FeatureTable:
               offset: int = 0, limit: int = 50) -> dict:
         """Features matching `text`, sorted by `sort` (features without that value last), `limit` from `offset`.
 
-        `text`: a feature id (`123` or `#123`), or words that must all occur (any case) in the prompts of the
-        feature's top images. `hide_dead`: leave out features that never fired in the data.
+        `text`: a feature id (`123` or `#123`), or words that must all occur (any case) in the feature's label
+        or the prompts of its top images. `hide_dead`: leave out features that never fired in the data.
         Returns `{"total": matches, "offset", "limit", "features": [row, ...]}`.
         """
         if sort not in SORT_KEYS:
@@ -61,7 +63,8 @@ class FeatureTable:
             ids = [f] if f < self.n_features else []
         else:
             words = text.lower().split()
-            ids = [f for f in range(self.n_features) if _prompts_match(self.index["features"][f], words)]
+            ids = [f for f in range(self.n_features)
+                   if _words_match(self.index["features"][f], self.labels.get(f, ""), words)]
         if hide_dead:
             ids = [f for f in ids if not self._dead(f)]
         key = {f: self._key(f, sort) for f in ids}
@@ -79,8 +82,8 @@ class FeatureTable:
         return self._stat(sort, f)
 
 
-def _prompts_match(entries: list, words: list[str]) -> bool:
+def _words_match(entries: list, label: str, words: list[str]) -> bool:
     if not words:
         return True
-    text = "\n".join(str(e.get("prompt", "")) for e in entries).lower()
+    text = "\n".join([label, *(str(e.get("prompt", "")) for e in entries)]).lower()
     return all(w in text for w in words)

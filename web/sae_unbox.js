@@ -35,7 +35,7 @@ function summary(text) {
     const head = `${r.block} step ${r.step} (${r.ranked_over}), ${r.sae}`;
     const lines = r.features.map(
       (f, i) => `${String(i + 1).padStart(2)}. #${f.feature}  mean ${f.mean_activation.toPrecision(3)}` +
-        `  max ${f.max_activation.toPrecision(3)}  at ${f.active_positions} positions`
+        `  max ${f.max_activation.toPrecision(3)}  at ${f.active_positions} positions` + (f.label ? `  ${f.label}` : "")
     );
     return [head, ...lines].join("\n");
   } catch {
@@ -72,6 +72,49 @@ app.registerExtension({
         window.open(featureBrowserURL(sae()), "_blank");
       });
       notAnInput(button);
+      return r;
+    };
+  },
+});
+
+// On SAE Steer Features, hovering the feature list shows each feature's label (labels of the SAE connected to
+// the node, read from /sae_unbox/labels).
+const labelCache = new Map(); // sae name -> {labels, time}
+
+function labelsOf(sae) {
+  const hit = labelCache.get(sae);
+  if (!hit || Date.now() - hit.time > 5000) {
+    labelCache.set(sae, { labels: hit?.labels || {}, time: Date.now() });
+    api.fetchApi(`/sae_unbox/labels?sae=${encodeURIComponent(sae)}`)
+      .then((r) => (r.ok ? r.json() : { labels: {} }))
+      .then((body) => labelCache.set(sae, { labels: body.labels || {}, time: Date.now() }))
+      .catch(() => {});
+  }
+  return labelCache.get(sae).labels;
+}
+
+export function featureTooltip(node, base) {
+  const slot = node.findInputSlot?.("sae") ?? -1;
+  const sae = slot >= 0 ? node.getInputNode(slot)?.widgets?.find((w) => w.name === "sae_name")?.value : null;
+  const features = String(node.widgets?.find((w) => w.name === "features")?.value || "")
+    .split(/[,;\s]+/).map((t) => parseInt(t, 10)).filter(Number.isInteger);
+  if (!sae || !features.length) return base;
+  const labels = labelsOf(sae);
+  const lines = features.slice(0, 20).map((f) => `#${f}: ${labels[f] || "(no label)"}`);
+  return [base, ...lines].filter(Boolean).join("\n");
+}
+
+app.registerExtension({
+  name: "sae_unbox.steer_labels",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== "UnboxSteerFeatures") return;
+    const base = nodeData.input?.required?.features?.[1]?.tooltip || "";
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      const w = this.widgets?.find((x) => x.name === "features");
+      const node = this;
+      if (w) Object.defineProperty(w, "tooltip", { configurable: true, get: () => featureTooltip(node, base) });
       return r;
     };
   },

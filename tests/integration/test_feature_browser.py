@@ -247,5 +247,32 @@ def test_load_sae_node_opens_the_browser(browsable, chromium):
     api = page.evaluate("async () => (await window.app.graphToPrompt()).output")
     (load,) = [v for v in api.values() if v["class_type"] == "UnboxLoadSAE"]
     assert load["inputs"] == {"sae_name": NAME}
+
+    # label a feature on its card: saved beside the SAE, then found by the label
+    card = popup.locator("[data-testid=feature][data-feature='3']")
+    popup.get_by_test_id("search").fill("#3")
+    card.wait_for(timeout=30_000)
+    card.get_by_test_id("label").fill("browser label words")
+    card.get_by_test_id("save-label").click()
+    popup.wait_for_function("() => document.querySelector('[data-feature=\"3\"] [data-testid=label]').dataset.saved"
+                            " === 'browser label words'", timeout=30_000)
+    assert get(server, "/sae_unbox/labels", sae=NAME).json()["labels"]["3"] == "browser label words"
+    popup.get_by_test_id("search").fill("label words")
+    popup.wait_for_function("() => [...document.querySelectorAll('[data-testid=feature]')].map(c => c.dataset.feature)"
+                            ".join() === '3'", timeout=30_000)
+
+    # send to graph: a new SAE Steer Features node wired to this SAE's Load SAE node; a selected one is updated
+    card.get_by_test_id("send").click()
+    steer = page.evaluate("""() => { const s = window.app.graph.nodes.filter(n => n.type === 'UnboxSteerFeatures');
+        return s.map(n => ({features: n.widgets.find(w => w.name === 'features').value,
+                            sae: n.getInputNode(n.findInputSlot('sae'))?.type})); }""")
+    assert steer == [{"features": "3", "sae": "UnboxLoadSAE"}]
+    page.evaluate("""() => window.app.canvas.selectNode(
+        window.app.graph.nodes.find(n => n.type === 'UnboxSteerFeatures'))""")
+    popup.get_by_test_id("search").fill("#5")
+    popup.locator("[data-testid=feature][data-feature='5']").get_by_test_id("send").click()
+    features = page.evaluate("""() => window.app.graph.nodes.filter(n => n.type === 'UnboxSteerFeatures')
+        .map(n => n.widgets.find(w => w.name === 'features').value)""")
+    assert features == ["5"]
     popup.close()
     page.close()

@@ -56,6 +56,15 @@ def test_filters():
     assert ids(t.query(hide_dead=True)) == [3, 4, 0, 2]
 
 
+def test_labels_are_searched_and_shown():
+    t = FeatureTable(INDEX, STATS, labels={1: "Lighthouse at dusk", 4: "red roofs"})
+    assert ids(t.query(text="lighthouse")) == [1]            # a label alone matches (1 has no images)
+    assert ids(t.query(text="red")) == [3, 4, 0, 2]          # labels and prompts alike
+    assert ids(t.query(text="red roofs")) == [4]
+    rows = {r["feature"]: r for r in t.query()["features"]}
+    assert rows[1]["label"] == "Lighthouse at dusk" and rows[0]["label"] is None
+
+
 def test_rows_carry_statistics_and_images():
     row = FeatureTable(INDEX, STATS).query(text="2")["features"][0]
     assert row["feature"] == 2 and row["max"] == 9.0 and row["top"] == INDEX["features"][2]
