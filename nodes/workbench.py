@@ -29,7 +29,7 @@ from aiohttp import web
 from PIL import Image
 
 from ..sae_models import SAEError
-from ..sae_models.labels import LabelError, parse_label_set, read_labels, set_label, write_labels
+from ..sae_models.labels import LabelError, import_label_set, read_labels, set_label
 from .errors import NodeInputError
 from .recording import StepRecord
 from .routes import PREFIX, Refused, answer, posted
@@ -242,12 +242,10 @@ class Workbench:
         if block is None:
             block = sae_header(path)[0].block
         try:
-            found = parse_label_set(text, n, block=block)
-            merged = {**read_labels(path, n), **found}
-            write_labels(path, merged, n)
+            found, total = import_label_set(path, text, n, block=block)
         except LabelError as e:
             raise Refused(400, e.reason) from None
-        return {"sae": body["sae"], "imported": len(found), "labels": len(merged)}
+        return {"sae": body["sae"], "imported": found, "labels": total}
 
     async def labels(self, request: web.Request) -> web.Response:
         return await answer(self._labels, request.query)

@@ -4,6 +4,7 @@ and readers of published label sets.
     labels = read_labels(path_of_sae)              # {feature: text}
     write_labels(path_of_sae, {12: "red cars"})    # checked, written atomically
     imported = parse_label_set(text, n_features, block="down.2.1")
+    found, total = import_label_set(path_of_sae, text, n_features, block="down.2.1")  # merged into the file
 
 The file: `{"format": "sae-unbox-labels", "version": 1, "n_features": N, "labels": {"12": "red cars", ...}}`.
 A label is at most `MAX_LABEL` characters of printable text (no control characters); a file holds at most one
@@ -179,3 +180,12 @@ def parse_label_set(text: str, n_features: int, block: str | None = None) -> dic
         raise LabelError("label set", f"the set has no labels of block {want.short} (it has: "
                                       f"{', '.join(sorted(blocks_seen))})")
     return out
+
+
+def import_label_set(sae_path, text: str, n_features: int, block: str | None = None) -> tuple[int, int]:
+    """Merge a published label set (its rows of `block`) into the labels beside an SAE; an imported label
+    replaces one the file had for the same feature. Returns (labels imported, labels in the file now)."""
+    found = parse_label_set(text, n_features, block=block)
+    merged = {**read_labels(sae_path, n_features), **found}
+    write_labels(sae_path, merged, n_features)
+    return len(found), len(merged)

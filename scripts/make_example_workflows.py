@@ -43,6 +43,8 @@ OUTPUTS = {
     "UnboxDumpActivations": [("MODEL", "MODEL"), ("dump", "SAE_DUMP")],
     "UnboxDumpImages": [],
     "UnboxTrainSAE": [("SAE", "SAE")],
+    "UnboxPaintedMask": [("MASK", "MASK")],
+    "UnboxFindFeatures": [("json", "STRING"), ("grid", "IMAGE"), ("heatmaps", "IMAGE")],
 }
 # Socket (non-widget) inputs: (name, type).
 INPUTS = {
@@ -60,6 +62,7 @@ INPUTS = {
     "UnboxTopFeatures": [("probe", "SAE_PROBE"), ("image", "IMAGE"), ("mask", "MASK")],
     "UnboxDumpActivations": [("model", "MODEL")],
     "UnboxDumpImages": [("images", "IMAGE"), ("dump", "SAE_DUMP"), ("prompt", "STRING"), ("seed", "INT")],
+    "UnboxFindFeatures": [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("sae", "SAE")],
 }
 # Widgets that a workflow may drive from a link instead (the frontend's "widget converted to input").
 WIDGET_SOCKETS = {"CLIPTextEncode": [("text", "STRING")], "KSampler": [("seed", "INT")]}
@@ -315,6 +318,49 @@ def sdxl_base_paint() -> dict:
                      "guidance amplifies it. The paper's SAEs were trained on SDXL Turbo and transfer to base.")
 
 
+def painted_disc(size: int) -> str:
+    """A PNG data URL as the workbench panel paints one: black, with a white disc in the upper left."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(img).ellipse((size // 8, size // 8, size // 2, size // 2), fill=255)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def workbench() -> dict:
+    """The graph the workbench panel works on, as it leaves it after one Apply: a probe of down.2.1 for the
+    panel's ranking and heatmaps, the steer node the panel added with its painted mask, and a concept search."""
+    g = Graph()
+    ckpt, pos, neg, latent = base(g, "a photo of a colorful bird sitting on a branch, sunset")
+    sae = g.add("UnboxLoadSAE", [PAPER_SAES["down.2.1"]], (0, 600), title="SAE down.2.1")
+    probe = g.add("UnboxProbeBlock", [AUTO, "all", "cond"], (380, 600), title="Probe down.2.1",
+                  model=(ckpt, 0), sae=(sae, 0))
+    mask = g.add("UnboxPaintedMask", [512, 512, painted_disc(512)], (0, 800), title="Painted in the panel")
+    steer = g.add("UnboxSteerFeatures", ["0", 4.0, "add", "down.2.1", "mean activation", 0.0, 1.0, "cond"],
+                  (380, 800), title="Painted feature (set by the panel)", model=(probe, 0), sae=(sae, 0),
+                  mask=(mask, 0))
+    steer["properties"]["sae_workbench"] = {"block": "down.2.1", "feature": 0, "sae": PAPER_SAES["down.2.1"]}
+    dec = sample(g, (steer, 0), pos, neg, latent, (ckpt, 2), "sae_workbench/image", 800)
+    top = g.add("UnboxTopFeatures", [9, "down.2.1", -1, 0, 3, "inferno", 0.6, "", "cond", 8.0], (1200, 0),
+                title="Top features (the panel lists them)", probe=(probe, 1), image=(dec, 0))
+    g.add("SaveImage", ["sae_workbench/top_down.2.1"], (1600, 0), images=(top, 0))
+    find = g.add("UnboxFindFeatures", ["a red bird", "a bird", AUTO, 2, 1, 1.0, "euler_ancestral", "sgm_uniform",
+                                       512, 512, 9],
+                 (1200, 420), title="Find features of a concept", model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
+                 sae=(sae, 0))
+    g.add("SaveImage", ["sae_workbench/concept"], (1600, 420), images=(find, 1))
+    return g.to_json("Workbench: click, paint and find features in the SAE sidebar tab",
+                     "Open the SAE tab of the sidebar and run: the panel shows the image and down.2.1's ranked "
+                     "features; click one to see its heatmap, brush a region and Apply to paint it (the panel "
+                     "sets the steer node and its painted mask here), or label it. Find Features ranks the "
+                     "features that fire more for 'a red bird' than for 'a bird'.")
+
+
 WORKFLOWS = {
     "explore": explore,
     "paint": lambda: steer_workflow(
@@ -334,6 +380,7 @@ WORKFLOWS = {
     "flux_explore": flux_explore,
     "flux_paint": flux_paint,
     "sdxl_base_paint": sdxl_base_paint,
+    "workbench": workbench,
 }
 
 

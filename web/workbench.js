@@ -185,6 +185,7 @@ async function selectBlock(name) {
     "data-testid": `sae-feature-${f.feature}`, on: { click: () => selectFeature(f.feature) },
   }, `#${f.feature}  ${f.mean_activation.toPrecision(3)}${labels[f.feature] ? "  " + labels[f.feature] : ""}`)));
   setStatus(`${b.block}: ${b.grid[0]}×${b.grid[1]} positions, SAE ${b.sae}`);
+  showLabelSearch();
   const keep = b.ranking.some((r) => r.feature === state.feature) ? state.feature : b.ranking[0]?.feature;
   if (keep !== undefined && keep !== null) await selectFeature(keep);
 }
@@ -391,6 +392,7 @@ export async function applyPaint() {
   let painted = inputNode(steer, "mask");
   if (!painted || painted.type !== PAINTED) {
     painted = LiteGraph.createNode(PAINTED);
+    hidePNG(painted);
     painted.pos = [steer.pos[0] - 340, steer.pos[1]];
     app.graph.add(painted);
     painted.connect(0, steer, "mask");
@@ -398,8 +400,6 @@ export async function applyPaint() {
   setWidget(painted, "width", $.paint.width);
   setWidget(painted, "height", $.paint.height);
   setWidget(painted, "mask", paintedPNG());
-  const mw = widget(painted, "mask");
-  if (mw) { mw.hidden = true; mw.options = { ...(mw.options || {}), hidden: true }; }
   setWidget(steer, "features", String(state.feature));
   setWidget(steer, "strength", Number($.strength.value));
   setWidget(steer, "mode", "add");
@@ -512,8 +512,17 @@ function refreshSoon(run) {
   refreshTimer = setTimeout(() => refreshRuns(run).catch((e) => setStatus(String(e.message || e))), 200);
 }
 
+// The painted PNG is kept in a widget of SAE Painted Mask; its base64 text is no use on the canvas.
+function hidePNG(node) {
+  const w = widget(node, "mask");
+  if (w) { w.hidden = true; w.options = { ...(w.options || {}), hidden: true }; w.computeSize = () => [0, -4]; }
+}
+
 app.registerExtension({
   name: "sae_unbox.workbench",
+  nodeCreated(node) {
+    if (node.comfyClass === PAINTED) hidePNG(node);
+  },
   async setup() {
     app.extensionManager.registerSidebarTab({
       id: TAB,

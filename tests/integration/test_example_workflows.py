@@ -90,7 +90,7 @@ def pixels(path: Path) -> np.ndarray:
 
 
 NAMES = {"explore", "paint", "feature_icon", "ablate", "reconstruct", "dump", "train", "flux_explore", "flux_paint",
-         "sdxl_base_paint"}
+         "sdxl_base_paint", "workbench"}
 DUMP = "sae_dumps/sdxl_turbo"  # the dump workflow's folder, under the output folder
 PROMPTS = ["a red bicycle leaning on a wall", "a bowl of ramen, top view", "a snowy mountain at dusk"]
 
@@ -232,6 +232,26 @@ def test_sdxl_base_paint_workflow(server):
     change = np.abs(pixels(images["sae_base_paint/original"]) - pixels(images["sae_base_paint/steered"]))
     assert change.max() > 0
     assert change[96:160, 96:160].mean() > change[:32, :32].mean()
+
+
+def test_workbench_workflow(server):
+    entry, images = run(server, "workbench")
+    assert {"sae_workbench/image", "sae_workbench/top_down.2.1", "sae_workbench/concept"} <= set(images)
+    texts = [json.loads(t) for o in entry["outputs"].values() for t in o.get("text", []) if t.startswith("{")]
+    (top,) = [t for t in texts if "grid" in t]
+    (found,) = [t for t in texts if "concept" in t]
+    assert top["block"] == "down.2.1" and top["run"] and 1 <= len(top["features"]) <= 9
+    assert found["block"] == "down.2.1" and found["concept"] == "a red bird" and found["features"]
+    scores = [f["score"] for f in found["features"]]
+    assert scores == sorted(scores, reverse=True)
+    # the painted disc steers: the same graph with an empty painting gives another image
+    api = to_api(server, ROOT / "example_workflows" / "workbench.json")
+    (mask,) = [n for n in api.values() if n["class_type"] == "UnboxPaintedMask"]
+    assert mask["inputs"]["mask"].startswith("data:image/png;base64,")
+    mask["inputs"]["mask"] = ""
+    unpainted = saved(server, server.run(api, timeout=600))
+    (plain,) = [f for fs in unpainted.values() for f in fs if f.name.startswith("image_")]
+    assert np.abs(pixels(images["sae_workbench/image"]) - pixels(plain)).max() > 0
 
 
 def test_dump_workflow(server):

@@ -147,10 +147,17 @@ def image(url, run) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.int16)
 
 
-def wait_for_new_run(b: Browser, before: int, blocks: int = 4):
-    """Until the panel lists more runs than `before`, the newest with all the explore workflow's blocks."""
-    b.page.wait_for_function(f"""() => document.querySelectorAll('[data-testid=sae-run] option').length > {before}
-        && document.querySelectorAll('[data-testid=sae-block] option').length >= {blocks}""", timeout=300_000)
+def newest_run(b: Browser) -> str:
+    return b.page.evaluate("() => document.querySelector('[data-testid=sae-run] option')?.value || ''")
+
+
+def wait_for_new_run(b: Browser, before: str, blocks: int = 4):
+    """Until the panel's newest run is another than `before`, with all the explore workflow's blocks."""
+    b.page.wait_for_function(f"""() => {{
+        const first = document.querySelector('[data-testid=sae-run] option');
+        return first && first.value !== {json.dumps(before)}
+            && document.querySelectorAll('[data-testid=sae-block] option').length >= {blocks}; }}""",
+                             timeout=300_000)
 
 
 def dump_unedited(server):
@@ -213,7 +220,7 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
         b.load(explore_workflow())
         b.open_panel()
         b.page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-        wait_for_new_run(b, 0)
+        wait_for_new_run(b, "")
         b.page.get_by_test_id("sae-block").select_option("down.2.1")
         first = b.page.locator("[data-testid=sae-ranking][data-block='down.2.1'] button").first
         b.wait_for(first, "ranking")
@@ -251,7 +258,7 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
             b.page.mouse.move(box["x"] + box["width"] * t, box["y"] + box["height"] * 0.1)
             b.page.mouse.move(box["x"] + box["width"] * t, box["y"] + box["height"] * 0.4)
         b.page.mouse.up()
-        n_runs = len(runs(server.url))
+        last = newest_run(b)
         b.page.get_by_test_id("sae-apply").click()
         wiring = b.page.evaluate("""() => {
             const g = window.app.graph;
@@ -268,7 +275,7 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
         assert wiring["mask"] == "UnboxPaintedMask" and wiring["png"] == "data:image/png;base64,"
         assert wiring["samplerModel"] == "UnboxSteerFeatures" and wiring["steerModel"] == "UnboxProbeBlock"
         assert wiring["sae"] == PAPER_SAE_FOLDERS["down.2.1"] and wiring["features"] == str(feature)
-        wait_for_new_run(b, n_runs)
+        wait_for_new_run(b, last)
         after = image(server.url, runs(server.url)[0]["run"])
         assert after.shape == before.shape and (after != before).any()
         # Where the edit landed: the panel's own queued prompt run again with the block's update dumped behind
@@ -287,18 +294,52 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
         torch.testing.assert_close(after_update - update, weights * direction, atol=1e-4, rtol=1e-4)
         assert torch.equal(after_update[weights[:, 0] == 0], update[weights[:, 0] == 0])  # untouched off the paint
         b.shot("painted")
+        # the painting is kept in the workflow: saved and opened again, the mask node holds the same PNG
         saved = b.page.evaluate("async () => JSON.stringify((await window.app.graphToPrompt()).workflow)")
-        assert "data:image/png;base64," in saved  # the painting is kept in the workflow
+        b.load(json.loads(saved))
+        assert b.page.evaluate(f"() => window.app.graph.getNodeById({edited['mask_node']}).widgets"
+                               ".find(w => w.name === 'mask').value") == png
+
+        # -- a second painted feature stacks: a steer node of its own between the first and the sampler
+        second = int(b.page.locator("[data-testid=sae-ranking][data-block='down.2.1'] button").nth(1)
+                     .get_attribute("data-testid").rsplit("-", 1)[1])
+        b.page.get_by_test_id(f"sae-feature-{second}").click()
+        last = newest_run(b)
+        b.page.get_by_test_id("sae-apply").click()
+        chain = b.page.evaluate("""() => {
+            const g = window.app.graph, types = [];
+            let node = g.nodes.find(n => n.type === 'KSampler');
+            while (node && types.length < 8) {
+                node = node.getInputNode(node.findInputSlot('model'));
+                if (node) types.push([node.type, node.widgets?.find(w => w.name === 'features')?.value ?? null]);
+            }
+            return types; }""")
+        assert chain[:3] == [["UnboxSteerFeatures", str(second)], ["UnboxSteerFeatures", str(feature)],
+                             ["UnboxProbeBlock", None]]
+        wait_for_new_run(b, last)
+        wait_idle(server)
 
         # -- label the feature; import a published label set
+        b.page.get_by_test_id(f"sae-feature-{feature}").click()
+        b.page.wait_for_function(f"() => document.querySelector('[data-testid=sae-overlay]').dataset.feature === '{feature}'",
+                                 timeout=60_000)
         b.page.get_by_test_id("sae-label-input").fill("a planted test label")
         b.page.get_by_test_id("sae-label-save").click()
-        b.page.get_by_test_id(f"sae-feature-{feature}").filter(has_text="a planted test label").wait_for(timeout=30_000)
+        b.wait_for(b.page.get_by_test_id(f"sae-feature-{feature}").filter(has_text="a planted test label"), "label")
+        b.page.wait_for_function(f"""() => window.app.graph.nodes.some(n => n.type === 'UnboxSteerFeatures'
+            && n.widgets.find(w => w.name === 'features').tooltip.includes('#{feature}: a planted test label'))""",
+                                 timeout=30_000)  # the steer node's feature list shows labels on hover
         label_file = served / "input" / "labels.csv"
         label_file.write_text(f"block,feature_id,caption\ndown.2.1,{(feature + 1) % 512},imported label\n"
                               "up.0.1,1,another block\n")
         b.page.get_by_test_id("sae-label-import").set_input_files(str(label_file))
-        b.page.get_by_test_id("sae-status").filter(has_text="imported 1 labels").wait_for(timeout=30_000)
+        sae_name = PAPER_SAE_FOLDERS["down.2.1"]
+        for _ in range(60):
+            labels = requests.get(f"{server.url}/sae_unbox/labels", params={"sae": sae_name}, timeout=60).json()
+            if str((feature + 1) % 512) in labels["labels"]:
+                break
+            time.sleep(0.5)
+        assert labels["labels"] == {str(feature): "a planted test label", str((feature + 1) % 512): "imported label"}
 
         # -- feature icon of the selected feature
         b.page.get_by_test_id("sae-icon").click()
@@ -314,6 +355,7 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
         assert found.get_attribute("data-testid") == f"sae-found-{PLANTED_FEATURE}"
         b.shot("found")
         assert not [e for e in b.errors if "sae_unbox" in e or "workbench" in e]
+        assert b.page.get_by_text("Invalid workflow").count() == 0  # the saved workflow reopened cleanly
         b.browser.close()
 
     # -- restart the server: the label is still there, and the panel's label search finds it
@@ -325,8 +367,9 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
         b.load(explore_workflow())
         b.open_panel()
         b.page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-        wait_for_new_run(b, 0)
+        wait_for_new_run(b, "")
         b.page.get_by_test_id("sae-block").select_option("down.2.1")
+        b.wait_for(b.page.locator("[data-testid=sae-ranking][data-block='down.2.1'] button").first, "ranking")
         b.page.get_by_test_id("sae-label-search").fill("planted test")
         b.page.get_by_test_id(f"sae-label-hit-{feature}").wait_for(timeout=30_000)
         b.shot("labels")

@@ -186,3 +186,36 @@ def test_quickstart_downloads_the_flux_files_verified(server, tmp_path):
                            "text_encoders/t5xxl_fp16.safetensors", "vae/ae.safetensors", "sae/SAE_flux_18/config.json",
                            "sae/SAE_flux_18/state_dict.pth", "sae/SAE_flux_18/mean.pt"}
     assert placed["vae/ae.safetensors"] == BIG and placed["sae/SAE_flux_18/config.json"] == SMALL
+
+
+def test_a_published_label_set_is_downloaded_verified_and_imported(server, tmp_path, capsys):
+    import json
+
+    import sae_models
+    import import_labels
+    from sae_models.labels import read_labels
+
+    sae_path = tmp_path / "sae.safetensors"
+    sae_models.save(sae_models.build(sae_models.SAEConfig(architecture="topk", d_in=8, n_features=16, k=2,
+                                                          block="up.0.1")), sae_path)
+    rows = [{"layer": "up.0.1", "feature_id": 3, "caption": "warm sunset light"},
+            {"layer": "up.0.1", "feature_id": 5, "caption": "blue tones"},
+            {"layer": "down.2.1", "feature_id": 3, "caption": "another block"}]
+    Handler.files["/datasets/labels/resolve/main/up.jsonl"] = "\n".join(map(json.dumps, rows)).encode()
+    url = f"{server}/datasets/labels/resolve/main/up.jsonl"
+    local = tmp_path / "mine.csv"
+    local.write_text("feature,label\n5,my own label\n7,kept\n")
+    assert import_labels.main([str(sae_path), str(local)]) == 0
+    assert import_labels.main([str(sae_path), url, "--cache", str(tmp_path / "cache")]) == 0
+    assert read_labels(sae_path) == {3: "warm sunset light", 5: "blue tones", 7: "kept"}
+    assert "imported 2 labels" in capsys.readouterr().out
+    # a file whose hash does not match what the server states is not imported
+    Handler.files["/datasets/labels/resolve/main/bad.jsonl"] = b'{"feature": 1, "label": "x"}'
+    original_meta = Handler._meta
+    Handler._meta = lambda self, path: {**original_meta(self, path), "ETag": '"' + "0" * 40 + '"'}
+    try:
+        assert import_labels.main([str(sae_path), f"{server}/datasets/labels/resolve/main/bad.jsonl",
+                                   "--cache", str(tmp_path / "cache")]) == 1
+    finally:
+        Handler._meta = original_meta
+    assert "error:" in capsys.readouterr().err and 1 not in read_labels(sae_path)
