@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from full_sdxl import import_comfyui, load_pack, run_args  # noqa: E402
+from full_sdxl import import_comfyui, load_pack, paper_size_flux_variants, run_args  # noqa: E402
 
 FLUX_WIDTHS = dict(hidden=3072, heads=24, axes=(16, 56, 56), context=4096, vec=768)
 TEXT_TOKENS = 512
@@ -63,25 +63,7 @@ def main():
     print(f"parameters: {sum(p.numel() for p in dm.parameters()) / 1e6:.0f} M "
           f"(the double block: {sum(p.numel() for p in dm.double_blocks[0].parameters()) / 1e6:.0f} M)", flush=True)
     pack_root = load_pack(comfy_nodes)
-    sm = sys.modules[pack_root + ".sae_models"]
-    SAEHandle = sys.modules[pack_root + ".nodes.sae_handle"].SAEHandle
-    N = comfy_nodes.NODE_CLASS_MAPPINGS
-
-    torch.manual_seed(0)
-    sae = sm.build(sm.SAEConfig(architecture="topk", d_in=3072, n_features=12288, k=20, block="double.0"))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 0.02)
-        sae.W_dec.copy_(sae.W_enc / sae.W_enc.norm(dim=1, keepdim=True))
-    sae.stats = sm.FeatureStats(mean=torch.rand(12288) + 0.5)
-    h = SAEHandle(sae, "paper-size FLUX SAE")
-    auto = "auto (the SAE's block)"
-    steer = N["UnboxSteerFeatures"]
-    models = {
-        "plain": mp,
-        "probe": N["UnboxProbeBlock"].execute(mp, h, auto, "all", "cond").args[0],
-        "add": steer.execute(mp, h, "7", 2.0, "add", auto, "mean activation", 0.0, 1.0, "cond").args[0],
-        "ablate": steer.execute(mp, h, "7", 1.0, "ablate", auto, "mean activation", 0.0, 1.0, "cond").args[0],
-    }
+    models, sae = paper_size_flux_variants(comfy_nodes, pack_root, mp, "double.0")
     side = args.size // 8
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 16, side, side, generator=g)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from full_sdxl import ROOT, run_args  # noqa: E402
+from full_sdxl import ROOT, paper_size_flux_variants, run_args  # noqa: E402
 
 
 def main() -> int:
@@ -60,24 +60,7 @@ def main() -> int:
           f"{sum(p.numel() for p in dm.parameters()) / 1e9:.1f} B parameters, bfloat16", flush=True)
 
     pack_root = load_pack(comfy_nodes)
-    sm = sys.modules[pack_root + ".sae_models"]
-    SAEHandle = sys.modules[pack_root + ".nodes.sae_handle"].SAEHandle
-    N = comfy_nodes.NODE_CLASS_MAPPINGS
-    sae = sm.build(sm.SAEConfig(architecture="topk", d_in=3072, n_features=12288, k=20, block="double.18"))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 0.02)
-        sae.W_dec.copy_(sae.W_enc / sae.W_enc.norm(dim=1, keepdim=True))
-    sae.stats = sm.FeatureStats(mean=torch.rand(12288) + 0.5)
-    sae = sae.to(device)
-    h = SAEHandle(sae, "paper-size FLUX SAE")
-    auto = "auto (the SAE's block)"
-    steer = N["UnboxSteerFeatures"]
-    models = {
-        "plain": mp,
-        "probe": N["UnboxProbeBlock"].execute(mp, h, auto, "all", "cond").args[0],
-        "add": steer.execute(mp, h, "7", 2.0, "add", auto, "mean activation", 0.0, 1.0, "cond").args[0],
-        "ablate": steer.execute(mp, h, "7", 1.0, "ablate", auto, "mean activation", 0.0, 1.0, "cond").args[0],
-    }
+    models, sae = paper_size_flux_variants(comfy_nodes, pack_root, mp, "double.18", device=device)
     side = args.size // 8
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(1, 16, side, side, generator=g, device=device, dtype=torch.bfloat16)

@@ -73,3 +73,30 @@ def conditioning(size: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g),
                                                      "width": size, "height": size}]]
+
+
+def paper_size_flux_variants(comfy_nodes, pack_root: str, mp, block: str, device=None) -> tuple[dict, object]:
+    """The MODEL variants the FLUX benches time (plain, probed, and steered with add and ablate) on `block`
+    with a paper-size FLUX SAE (3072 -> 12288, k 20) of random unit-norm directions; and that SAE."""
+    import torch
+
+    sm = sys.modules[pack_root + ".sae_models"]
+    SAEHandle = sys.modules[pack_root + ".nodes.sae_handle"].SAEHandle
+    N = comfy_nodes.NODE_CLASS_MAPPINGS
+    torch.manual_seed(0)
+    sae = sm.build(sm.SAEConfig(architecture="topk", d_in=3072, n_features=12288, k=20, block=block))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.02)
+        sae.W_dec.copy_(sae.W_enc / sae.W_enc.norm(dim=1, keepdim=True))
+    sae.stats = sm.FeatureStats(mean=torch.rand(12288) + 0.5)
+    if device is not None:
+        sae = sae.to(device)
+    h = SAEHandle(sae, "paper-size FLUX SAE")
+    auto = "auto (the SAE's block)"
+    steer = N["UnboxSteerFeatures"]
+    return {
+        "plain": mp,
+        "probe": N["UnboxProbeBlock"].execute(mp, h, auto, "all", "cond").args[0],
+        "add": steer.execute(mp, h, "7", 2.0, "add", auto, "mean activation", 0.0, 1.0, "cond").args[0],
+        "ablate": steer.execute(mp, h, "7", 1.0, "ablate", auto, "mean activation", 0.0, 1.0, "cond").args[0],
+    }, sae
