@@ -99,7 +99,24 @@ def served(start_comfy_server, tmp_path_factory, tiny, comfy_pack):
     for i, folder in enumerate(PAPER_SAE_FOLDERS.values()):
         write_paper_release(sae_dir / folder, seed=i)
     planted_sae(tiny, comfy_pack, sae_dir)
+    write_dataset_index(root / "output" / "wb_dataset", sae_dir / PAPER_SAE_FOLDERS["down.2.1"])
     return root
+
+
+def write_dataset_index(dump: Path, sae_folder: Path, n_features: int = 512):
+    """A features index for the down.2.1 SAE, as training writes one: every feature's top dataset images are
+    two images of a dump folder (a red and a blue one), so the panel can show them for any feature."""
+    import sae_models
+    from sae_models.stats import features_index_path
+
+    (dump / "images").mkdir(parents=True)
+    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        Image.new("RGB", (64, 64), colour).save(dump / "images" / f"{name}.png")
+    top = [{"writer": "w", "image": i, "position": [3, 4], "value": 2.0 - i, "prompt": f"a {name} square",
+            "file": f"images/{name}.png"} for i, name in enumerate(("red", "blue"))]
+    sae_models.write_features_index({"block": "down.2.1", "n_features": n_features, "top_n": 2,
+                                     "dump": str(dump), "features": [top] * n_features},
+                                    features_index_path(sae_folder))
 
 
 class Browser:
@@ -233,6 +250,10 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
         pixels = np.array(b.page.evaluate("""() => {
             const c = document.querySelector('[data-testid=sae-overlay]');
             return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")).reshape(16, 16, 4)
+        # its top dataset images, from the SAE's features index
+        b.page.wait_for_function("""() => { const imgs = [...document.querySelectorAll('[data-testid=sae-top-images] img')];
+            return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth === 64); }""", timeout=30_000)
+        assert b.page.locator("[data-testid=sae-top-images] img").first.get_attribute("title").startswith("a red square")
         b.shot("explore")
         dump_unedited(server)
         shard = next((server.output_dir / "wb_check" / "down.2.1").glob("*.safetensors"))
