@@ -24,7 +24,7 @@ from ..sae_models.labels import LabelError, read_labels
 from ..sae_models.stats import features_index_path, read_features_index
 from .errors import NodeInputError
 from .routes import PREFIX, Refused, answer
-from .sae_folder import available_saes, find_sae, sae_header
+from .sae_folder import available_saes, file_version, find_sae, sae_header
 
 NODE = "SAE feature browser"
 
@@ -94,7 +94,7 @@ class FeatureBrowser:
         if not os.path.isfile(index_path):
             raise Refused(404, f"{name!r} has no features index ({os.path.basename(index_path)}); "
                                 f"write one with the SAE Train node or `python -m sae_models stats`")
-        key = (name, path, *_version(path), index_path, *_version(index_path))
+        key = (name, path, file_version(path), index_path, file_version(index_path))
         with self._lock:
             return self._cached(key, name, path, index_path)
 
@@ -180,7 +180,3 @@ def _image_response(path: str) -> web.FileResponse:
     return web.FileResponse(path, headers={"Content-Type": IMAGE_TYPES[os.path.splitext(path)[1].lower()],
                                            "Cache-Control": "max-age=3600"})
 
-
-def _version(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns

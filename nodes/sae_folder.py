@@ -4,6 +4,8 @@ and write SAE files in it."""
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 
 import folder_paths
 
@@ -62,9 +64,40 @@ def find_sae(node: str, name: str) -> str:
     raise NodeInputError(node, f"{excerpt(name)} is not in the SAE folders ({', '.join(roots)})")
 
 
+def file_version(path: str) -> tuple:
+    """What changes when an SAE changes: size and modification time of a file, or of every file in a folder
+    (a folder's own time does not change when a file in it is rewritten)."""
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    found = []
+    for folder, _, files in os.walk(path):
+        for f in files:
+            st = os.stat(os.path.join(folder, f))
+            found.append((os.path.relpath(os.path.join(folder, f), path), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(found))
+
+
+_HEADERS: OrderedDict = OrderedDict()  # (path, file_version) -> (config, stats); the newest few
+_HEADERS_KEPT = 16
+_HEADERS_LOCK = threading.Lock()  # routes read headers in executor threads
+
+
 def sae_header(path: str):
-    """An SAE's config and statistics; native files are read without their weights."""
+    """An SAE's config and statistics; native files are read without their weights. Kept per file version:
+    a folder SAE (e.g. the paper's release) is otherwise loaded whole each time a route asks for its size."""
+    key = (path, file_version(path))
+    with _HEADERS_LOCK:
+        if key in _HEADERS:
+            _HEADERS.move_to_end(key)
+            return _HEADERS[key]
     if path.endswith(".safetensors"):
-        return read_summary(path)
-    sae = load(path)
-    return sae.config, sae.stats
+        header = read_summary(path)
+    else:
+        sae = load(path)
+        header = sae.config, sae.stats
+    with _HEADERS_LOCK:
+        _HEADERS[key] = header
+        while len(_HEADERS) > _HEADERS_KEPT:
+            _HEADERS.popitem(last=False)
+    return header
