@@ -52,7 +52,7 @@ class BlockView:
     view: str
     cfg: float
     ranking: list
-    stats: dict  # per-feature statistics of the SAE: {"mean": [...], "frequency": [...]} as present
+    stats: dict  # the SAE's per-feature statistics (its own tensors, not copied): {"mean", "frequency"} as present
 
     @property
     def nbytes(self) -> int:
@@ -136,7 +136,7 @@ RUNS = RunStore()
 def keep_run(handle, record: StepRecord, run_id: str, block: str, images: torch.Tensor, view: str, cfg: float,
              ranking: list) -> str:
     """Hand a probed block of a run to the workbench (called by the nodes that have its record and image)."""
-    stats = {name: getattr(handle.sae.stats, name).float().tolist()
+    stats = {name: getattr(handle.sae.stats, name)
              for name in ("mean", "frequency") if getattr(handle.sae.stats, name) is not None}
     RUNS.add(run_id, images, block, BlockView(handle.name, handle.sae.n_features, handle.sae.config.k, record, view,
                                               cfg, ranking, stats))
@@ -179,7 +179,7 @@ class Workbench:
         if feature >= view.n_features:
             raise Refused(400, f"feature {feature} is out of range 0..{view.n_features - 1}")
         heat = view.heat(feature, _int(q, "index", 0)).float()
-        stats = {k: v[feature] for k, v in view.stats.items()}
+        stats = {k: float(v[feature]) for k, v in view.stats.items()}
         return {"run": run.id, "block": name, "feature": feature, "grid": list(heat.shape),
                 "values": heat.flatten().tolist(), "max": float(heat.max()), "stats": stats}
 
