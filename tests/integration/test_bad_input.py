@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from test_patching import AUTO, Capture, make_sae, no_hooks_left, sample, steer
+from test_patching import AUTO, Capture, make_sae, no_hooks_left, record_rows, sample, steer
 
 STEER = "SAE Steer Features"
 
@@ -205,10 +205,7 @@ def cfg_probe(pk, tiny, model, apply_to="both", cfg=2.5, steps=2):
     split into cond and uncond rows."""
     h = make_sae(pk, "mid.0", seed=5)
     probed, probes = pk.N["UnboxProbeBlock"].execute(model, h, AUTO, "all", apply_to).args
-    seen = []
-    hook = model.model.diffusion_model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(list(kwargs["transformer_options"]["cond_or_uncond"])) or None,
-        with_kwargs=True)
+    seen, hook = record_rows(model)
     cap = Capture(model, "middle_block.1", "middle_block.2")
     try:
         sample(tiny, probed, steps=steps, cfg=cfg)

@@ -31,14 +31,9 @@ def fmodel(flux):
 
 
 def make_sae(pk, block="double.18", d=D, n=128, k=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sae = pk.sm.build(pk.sm.SAEConfig(architecture="topk", d_in=d, n_features=n, k=k, block=block))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(n, d, generator=g) / d ** 0.5)
-        sae.W_dec.copy_(torch.randn(n, d, generator=g) / d ** 0.5)
-        sae.b_enc.copy_(torch.randn(n, generator=g) * 0.1)
-    sae.stats = pk.sm.FeatureStats(mean=torch.rand(n, generator=g) + 0.5, frequency=torch.rand(n, generator=g))
-    return pk.handle.SAEHandle(sae, f"test-{block}")
+    from test_patching import make_sae as random_sae
+
+    return random_sae(pk, block, d, n, k, seed, frequency=True)
 
 
 def fsample(flux, m, steps=1, prompt="a cat on a mat", seed=1, size=(16, 16), cfg=1.0):

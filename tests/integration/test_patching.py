@@ -13,15 +13,26 @@ AUTO = "auto (the SAE's block)"
 MEAN = "mean activation"
 
 
-def make_sae(pk, block="mid.0", d=128, n=256, k=8, seed=0):
+def make_sae(pk, block="mid.0", d=128, n=256, k=8, seed=0, frequency=False):
+    """A random TopK SAE handle with mean activations (and, with `frequency`, activation frequencies)."""
     g = torch.Generator().manual_seed(seed)
     sae = pk.sm.build(pk.sm.SAEConfig(architecture="topk", d_in=d, n_features=n, k=k, block=block))
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(n, d, generator=g) / d ** 0.5)
         sae.W_dec.copy_(torch.randn(n, d, generator=g) / d ** 0.5)
         sae.b_enc.copy_(torch.randn(n, generator=g) * 0.1)
-    sae.stats = pk.sm.FeatureStats(mean=torch.rand(n, generator=g) + 0.5)
+    mean = torch.rand(n, generator=g) + 0.5
+    sae.stats = pk.sm.FeatureStats(mean=mean, frequency=torch.rand(n, generator=g) if frequency else None)
     return pk.handle.SAEHandle(sae, f"test-{block}")
+
+
+def record_rows(model):
+    """The `cond_or_uncond` rows of every UNet call, in order, and the hook that records them (remove it)."""
+    seen = []
+    hook = model.model.diffusion_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(list(kwargs["transformer_options"]["cond_or_uncond"])) or None,
+        with_kwargs=True)
+    return seen, hook
 
 
 def sample(tiny, m, steps=1, cfg=1.0, prompt="a cat", seed=1, size=16):
@@ -167,10 +178,7 @@ def test_cond_uncond_targets_and_step_range(pk, tiny, model):
     h = make_sae(pk, "mid.0")
     m = steer(pk, model, h, "5", 4.0, target="uncond", start=0.4, end=1.0)
     cap = Capture(model, "middle_block.1", "middle_block.2")
-    seen = []
-    hook = model.model.diffusion_model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(list(kwargs["transformer_options"]["cond_or_uncond"])) or None,
-        with_kwargs=True)
+    seen, hook = record_rows(model)
     try:
         sample(tiny, m, steps=4, cfg=3.0)
     finally:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_patching import Capture, make_sae, sample, steer
+from test_patching import Capture, make_sae, record_rows, sample, steer
 
 PAINT_BOTH = "cond +, uncond -"
 
@@ -20,10 +20,7 @@ def test_paint_both_adds_to_cond_and_subtracts_from_uncond(pk, tiny, model):
     mask = torch.zeros(64, 64)
     mask[0:16, 0:16] = 1.0  # grid cell (0, 0)
     m = steer(pk, model, h, "6", 2.0, target=PAINT_BOTH, mask=mask)
-    seen = []
-    hook = model.model.diffusion_model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(list(kwargs["transformer_options"]["cond_or_uncond"])) or None,
-        with_kwargs=True)
+    seen, hook = record_rows(model)
     cap = Capture(model, "middle_block.1", "middle_block.2")
     try:
         sample(tiny, m, steps=2, cfg=8.0)
