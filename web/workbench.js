@@ -28,7 +28,7 @@ export function colorize(v) {
 }
 
 const state = {
-  runs: [], run: null, block: null, chosenBlock: null, image: 0, feature: null, heat: null,
+  runs: [], run: null, block: null, chosenBlock: null, image: 0, feature: null,
   labels: {}, // sae name -> {feature: label}
   mode: "view", pending: {}, // prompt id -> "icon" | "find"
 };
@@ -204,7 +204,6 @@ export async function selectFeature(feature) {
     return;
   }
   if (state.feature !== feature || currentBlock() !== b) return; // superseded by a newer choice
-  state.heat = heat;
   drawHeat(heat);
   const label = (state.labels[b.sae] || {})[feature] || "";
   $.labelInput.value = label;
@@ -499,8 +498,9 @@ function showIcon(output) {
 
 api.addEventListener("executed", async ({ detail }) => {
   const kind = state.pending[detail?.prompt_id];
-  if (kind === "icon" && detail.node === "sae_icon_preview") return showIcon(detail.output);
-  if (kind === "find" && detail.node === "sae_find") return showFound(detail.output);
+  const done = (show) => { delete state.pending[detail.prompt_id]; return show(detail.output); };
+  if (kind === "icon" && detail.node === "sae_icon_preview") return done(showIcon);
+  if (kind === "find" && detail.node === "sae_find") return done(showFound);
   const shown = detail?.output?.sae_workbench;
   if (shown?.length) refreshSoon(shown[0].run);
 });
