@@ -8,8 +8,11 @@ destination in one step; on any failure the temporary file is removed and the de
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import secrets
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -44,10 +47,50 @@ def fsync_path(path) -> None:
         os.close(fd)
 
 
+def _host_tag() -> str:
+    return hashlib.blake2b(socket.gethostname().encode("utf-8", "replace"), digest_size=4).hexdigest()
+
+
 def temporary_name(path) -> Path:
-    """A fresh hidden name beside `path` for its temporary file."""
+    """A fresh hidden name beside `path` for its temporary file: `.<name>.<host>-<pid>-<random>.tmp`, naming
+    the machine (a tag of its host name) and the process that writes it, so that one left by a process that
+    died can be told from one a live process is writing (`remove_stale_temporaries`)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    return path.with_name(f".{path.name}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Remove the temporary files in `folder` (not below it) that a process of this machine left when it died
+    (killed while writing); returns them. Temporaries of live processes, of other machines (a shared disk) and
+    files of other names are left alone. Nothing is removed where a process's life cannot be asked (Windows)."""
+    if os.name != "posix":
+        return []
+    host, removed = _host_tag(), []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMPORARY.match(name)
+        if m and m.group("host") == host and not _process_alive(int(m.group("pid"))):
+            path = Path(folder) / name
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager

@@ -61,5 +61,5 @@ def next_seq(block_dir: Path, writer: str) -> int:
 
 def writer_temporaries(block_dir: Path, writer: str) -> list[Path]:
     """Temporary files of `writer`'s shards in `block_dir`: left by a writer that died while writing one."""
-    tmp_re = re.compile(rf"^\.?{re.escape(writer)}-\d{{6,}}\.safetensors\.[0-9a-f]+\.tmp$")
+    tmp_re = re.compile(rf"^\.?{re.escape(writer)}-\d{{6,}}\.safetensors\.(?:[0-9a-f]{{8}}-\d+-)?[0-9a-f]+\.tmp$")
     return [p for p in block_dir.iterdir() if tmp_re.match(p.name)]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import files
 from .errors import DumpWriteError
 from .layout import (
     DTYPES,
@@ -91,10 +92,15 @@ class ShardWriter:
         raise DumpWriteError(self.folder, f"could not add block {block!r} to {MANIFEST} (concurrent writers?)")
 
     def _resume(self) -> int:
-        """Remove this writer's stale temporary files; the next image index after its records and shards."""
+        """Remove the temporary files that this writer left, and those of dead writers of this machine (a
+        killed dump, in any writer's name); the next image index after this writer's records and shards."""
         last = max((int(rec["image"]) for rec in read_records(self._records_path)), default=-1)
+        files.remove_stale_temporaries(self.folder)
         for sub in self.folder.iterdir():
-            if not sub.is_dir() or sub.name == IMAGES_DIR:
+            if not sub.is_dir():
+                continue
+            files.remove_stale_temporaries(sub)
+            if sub.name == IMAGES_DIR:
                 continue
             for p in writer_temporaries(sub, self.writer_id):
                 with contextlib.suppress(OSError):

@@ -234,6 +234,9 @@ def test_process_killed_mid_shard_leaves_no_partial_shard(tmp_path):
     assert shard_sizes(tmp_path) == [10]
     assert [r["image"] for r in shards.done_images(tmp_path)] == [0]  # image 1 is half in shard 0: not done
     assert iter_vectors(tmp_path, BLOCK).n_rows == 8
+    # the next writer to open the folder, under any name, removes the dead writer's temporary
+    ShardWriter(tmp_path, writer_id="next", rows_per_shard=10, dtype=torch.float32)
+    assert sorted(p.name for p in (tmp_path / BLOCK).iterdir()) == ["k-000000.safetensors"]
     ShardWriter(tmp_path, writer_id="k", rows_per_shard=10, dtype=torch.float32)
     assert sorted(p.name for p in (tmp_path / BLOCK).iterdir()) == ["k-000000.safetensors"]
 
