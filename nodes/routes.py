@@ -51,6 +51,8 @@ async def json_body(request: web.Request, limit: int = MAX_JSON_BODY) -> dict:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Refused(400, f"the body is not JSON ({e})") from None
+    except RecursionError:  # Python's decoder recurses once per level of nesting
+        raise Refused(400, "the body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise Refused(400, "the body is a JSON object")
     return body

@@ -121,6 +121,13 @@ def set_label(sae_path, feature: int, text: str, n_features: int) -> dict[int, s
 
 
 def _rows(text: str) -> list:
+    try:
+        return _parse_rows(text)
+    except RecursionError:  # Python's JSON decoder recurses once per level of nesting
+        raise LabelError("label set", "JSON nested too deeply") from None
+
+
+def _parse_rows(text: str) -> list:
     stripped = text.lstrip()
     if stripped.startswith(("[", "{")):
         try:

@@ -74,3 +74,10 @@ def test_a_set_of_several_blocks_needs_one_named():
         parse_label_set(SHAPES["csv"], 10, block="mid.0")
     with pytest.raises(LabelError, match="row 0 has no feature"):
         parse_label_set('[{"what": 1}]', 10)
+
+
+@pytest.mark.parametrize("text", ["[" * 50_000 + "]" * 50_000, '{"labels": ' + "[" * 20_000 + "]" * 20_000 + "}",
+                                  "[1]\n" + "[" * 30_000])
+def test_a_deeply_nested_set_is_refused(text):
+    with pytest.raises(LabelError, match="JSON nested too deeply|not JSON"):
+        parse_label_set(text, 10)
