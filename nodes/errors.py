@@ -5,8 +5,16 @@ from __future__ import annotations
 EXCERPT_CHARS = 60
 
 
+# ComfyUI shows a node's error with the exception's module and class name, and names a custom node's modules by
+# the folder they were loaded from: the pack's errors carry a short module name instead, so that an error a
+# workflow's user sees does not reveal the server's folders.
+PUBLIC_MODULE = "sae_unbox"
+
+
 class NodeInputError(ValueError):
     """Bad input to a node, reported as '<node>: <what is wrong>'."""
+
+    __module__ = PUBLIC_MODULE
 
     def __init__(self, node: str, message: str):
         super().__init__(f"{node}: {message}")
@@ -31,4 +39,13 @@ def validation_answer(check, value) -> bool | str:
         check()
     except NodeInputError as err:
         return str(err)
+    return True
+
+
+def validation_answers(*checks) -> bool | str:
+    """`validation_answer` of several `(check, value)` pairs: True, or the first refusal."""
+    for check, value in checks:
+        answer = validation_answer(check, value)
+        if answer is not True:
+            return answer
     return True

@@ -10,7 +10,7 @@ from .. import sae_models
 from .errors import NodeInputError
 from .sae_folder import available_saes, find_sae
 from .sae_handle import SAEHandle
-from .schema import CATEGORY, SAE
+from .schema import CATEGORY, SAE, checked_numbers
 
 NODE = "Load SAE"
 
@@ -36,12 +36,13 @@ class LoadSAE(io.ComfyNode):
         )
 
     @classmethod
+    @checked_numbers
     def execute(cls, sae_name) -> io.NodeOutput:
         path = find_sae(NODE, sae_name)
         try:
             sae = sae_models.load(path)
-        except sae_models.SAEError as e:
-            raise NodeInputError(NODE, str(e)) from None
+        except sae_models.SAEError as e:  # named as the workflow names it, not by the server's folders
+            raise NodeInputError(NODE, str(e).replace(path, sae_name)) from None
         handle = SAEHandle(sae, sae_name, path)
         return io.NodeOutput(handle, ui={"text": [handle.describe()]})
 

@@ -26,6 +26,7 @@ from comfy.patcher_extension import WrappersMP
 
 from ..sae_models.blocks import Block
 from .block_io import IO_BY_KIND, Layout
+from .errors import PUBLIC_MODULE
 
 KEY = "comfyui-sae-unbox"
 SIGMA_TOLERANCE = 1e-5
@@ -134,6 +135,8 @@ class BlockPatch:
 
 class NonFiniteEdit(RuntimeError):
     """An edit turned a block's finite output into inf or NaN (e.g. a float16 overflow)."""
+
+    __module__ = PUBLIC_MODULE
 
 
 class _BlockHook:

@@ -61,7 +61,8 @@ def find_sae(node: str, name: str) -> str:
         path = os.path.join(root, *parts)
         if os.path.exists(path):
             return path
-    raise NodeInputError(node, f"{excerpt(name)} is not in the SAE folders ({', '.join(roots)})")
+    raise NodeInputError(node, f"{excerpt(name)} is not in models/sae (nor in an SAE folder of "
+                               "extra_model_paths.yaml)")
 
 
 def file_version(path: str) -> tuple:

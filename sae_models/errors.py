@@ -2,7 +2,15 @@
 
 
 class SAEError(Exception):
-    """Base class of the library's errors."""
+    """Base class of the library's errors. Each error class names itself after the library's package
+    (`sae_models.SAEFormatError`), also where a host application imports the library under a longer name that
+    holds its folder (ComfyUI shows that name to the user of a workflow)."""
+
+    __module__ = "sae_models"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__module__ = "sae_models"
 
 
 class SAEFormatError(SAEError):
