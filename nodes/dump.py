@@ -28,13 +28,14 @@ from PIL import Image
 
 from ..sae_models import files, shards
 from ..sae_models.blocks import Block
+from ..sae_models.shards.layout import NAME_RE
 from . import paths
-from .errors import NodeInputError, validation_answer
-from .inputs import parse_steps
-from .models import block_channels, parse_blocks
+from .errors import NodeInputError, excerpt, validation_answers
+from .inputs import check_length, parse_steps
+from .models import MAX_BLOCKS_TEXT, block_channels, parse_blocks
 from .patch import CallInfo, attach_edit
 from .recording import RecordingEdit, RunRecord
-from .schema import CATEGORY, SAE_DUMP, TARGET_CHOICES
+from .schema import CATEGORY, SAE_DUMP, TARGET_CHOICES, checked_numbers
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +46,46 @@ FIELDS = {"update": ("update",), "update, input, output": ("update", "input", "o
 FLUSH = ["when the queue is empty", "after every prompt", "only when a shard is full"]
 
 
-def check_writable(node: str, folder: str, need_bytes: int) -> None:
+MAX_WRITER_ID = 64
+
+
+def check_writer_id(node: str, writer_id) -> str:
+    """A writer id as typed ('' for the default): letters, digits, '_', '.' and '-', at most MAX_WRITER_ID."""
+    writer_id = (writer_id or "").strip()
+    if len(writer_id) > MAX_WRITER_ID:
+        raise NodeInputError(node, f"writer_id holds {len(writer_id):,} characters, more than {MAX_WRITER_ID}: "
+                                   f"{excerpt(writer_id)}")
+    if writer_id and not NAME_RE.match(writer_id):
+        raise NodeInputError(node, f"writer_id {excerpt(writer_id)} may hold only letters, digits, '_', '.' and '-'")
+    return writer_id
+
+
+def check_writable(node: str, folder: str, need_bytes: int, shown: str) -> None:
+    """The dump folder (`shown` as the workflow names it) can be written, with room for a shard per block."""
     try:
         os.makedirs(folder, exist_ok=True)
         probe = files.atomic_write_bytes(os.path.join(folder, f".write-test-{os.getpid()}"), b"ok")
         os.remove(probe)
     except OSError as e:
-        raise NodeInputError(node, f"cannot write to the dump folder {folder}: {e.strerror or e}") from None
+        raise NodeInputError(node, f"cannot write to the dump folder {excerpt(shown)}: {e.strerror or e}") from None
     free = shutil.disk_usage(folder).free
     if free < need_bytes:
         raise NodeInputError(
-            node, f"the dump folder {folder} has {free / 2**20:.0f} MiB free; one shard per block needs about "
-            f"{need_bytes / 2**20:.0f} MiB (lower rows_per_shard or free some space)")
+            node, f"the dump folder {excerpt(shown)} has {free / 2**20:.0f} MiB free; one shard per block needs "
+            f"about {need_bytes / 2**20:.0f} MiB (lower rows_per_shard or free some space)")
 
 
-def check_manifest(node: str, folder: str, channels: dict, dtype: str, rows_per_shard: int, fields) -> None:
+def check_manifest(node: str, folder: str, channels: dict, dtype: str, rows_per_shard: int, fields,
+                   shown: str) -> None:
     """A folder that already holds a dump must agree with what this node would write into it
-    (`channels`: {block: d_in})."""
+    (`channels`: {block: d_in}; `shown`: the folder as the workflow names it)."""
     if not os.path.exists(os.path.join(folder, shards.MANIFEST)):
         return
     blocks = {b: (d_in, fields) for b, d_in in channels.items()}
     try:
         shards.check_compatible(folder, dtype, rows_per_shard, blocks, who="this node")
     except shards.DumpFormatError as e:
-        raise NodeInputError(node, str(e)) from None
+        raise NodeInputError(node, f"the dump folder {excerpt(shown)}: {e.reason}") from None
 
 
 @dataclass(eq=False)
@@ -179,10 +196,14 @@ class DumpActivations(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder):
-        return validation_answer(lambda: paths.dump_folder(DUMP, "folder", folder), folder)
+    def validate_inputs(cls, folder, blocks, steps, writer_id=None):
+        return validation_answers((lambda: paths.dump_folder(DUMP, "folder", folder), folder),
+                                  (lambda: check_length(DUMP, "blocks", blocks, MAX_BLOCKS_TEXT), blocks),
+                                  (lambda: parse_steps(DUMP, steps), steps),
+                                  (lambda: check_writer_id(DUMP, writer_id), writer_id))
 
     @classmethod
+    @checked_numbers
     def execute(cls, model, folder, blocks, steps, apply_to, fields, dtype, rows_per_shard, writer_id="") -> io.NodeOutput:
         path = paths.dump_folder(DUMP, "folder", folder)
         blks = parse_blocks(DUMP, blocks, model)
@@ -192,13 +213,11 @@ class DumpActivations(io.ComfyNode):
             if c is None:
                 raise NodeInputError(DUMP, f"the MODEL has no transformer block {b.comfy} ({b.short})")
             channels[b.short] = c
-        writer_id = (writer_id or "").strip()
-        if writer_id and not all(ch.isalnum() or ch in "_.-" for ch in writer_id):
-            raise NodeInputError(DUMP, f"writer_id {writer_id!r} may hold only letters, digits, '_', '.' and '-'")
+        writer_id = check_writer_id(DUMP, writer_id)
         names = FIELDS[fields]
-        check_manifest(DUMP, path, channels, dtype, rows_per_shard, names)
+        check_manifest(DUMP, path, channels, dtype, rows_per_shard, names, folder)
         per_row = sum(channels.values()) * len(names) * shards.DTYPES[dtype].itemsize
-        check_writable(DUMP, path, rows_per_shard * per_row)
+        check_writable(DUMP, path, rows_per_shard * per_row, folder)
         session = DumpSession(steps=parse_steps(DUMP, steps), folder=path, blocks=blks, fields=names,
                               dtype=shards.DTYPES[dtype], rows_per_shard=rows_per_shard, writer_id=writer_id)
         m = model
@@ -288,6 +307,7 @@ class DumpImages(io.ComfyNode):
         )
 
     @classmethod
+    @checked_numbers
     def execute(cls, images, dump, prompt="", seed=0, commit=FLUSH[0]) -> io.NodeOutput:
         run, out_of_range = dump.take_run()
         if out_of_range:

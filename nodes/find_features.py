@@ -17,7 +17,7 @@ from .models import resolve_block
 from .patch import attach_edit
 from .recording import ProbeEdit, ProbeRecorder
 from .render import labelled_grid, overlay
-from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE
+from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE, checked_numbers
 
 NODE = "SAE Find Features"
 MAX_PROMPTS = 16
@@ -71,6 +71,7 @@ class FindFeatures(io.ComfyNode):
         )
 
     @classmethod
+    @checked_numbers
     def execute(cls, model, clip, vae, sae, concept, neutral, block, seeds, steps, cfg, sampler_name, scheduler,
                 width, height, top_n) -> io.NodeOutput:
         concept, neutrals = _prompts(concept, neutral)

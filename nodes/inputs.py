@@ -83,20 +83,34 @@ def sigma_range(node: str, model, start_percent: float, end_percent: float) -> t
 
 
 MAX_STEP = 10_000
+MAX_STEPS_TEXT = 1000  # characters in a step list
+MAX_STEP_PARTS = 64  # steps and ranges in a step list
+
+
+def check_length(node: str, name: str, text, limit: int):
+    """`text` unchanged, or an error naming the input when it is longer than `limit` characters (checked before
+    anything reads it, so a megabyte in a widget costs nothing)."""
+    if isinstance(text, str) and len(text) > limit:
+        raise NodeInputError(node, f"{name} holds {len(text):,} characters, more than {limit:,}: {excerpt(text)}")
+    return text
 
 
 def parse_steps(node: str, text: str) -> frozenset | None:
-    """'all' -> None; '0, 2-4' -> {0, 2, 3, 4}."""
-    text = (text or "").strip().lower()
+    """'all' -> None; '0, 2-4' -> {0, 2, 3, 4}. At most MAX_STEP_PARTS steps or ranges, every one read before
+    any range is expanded."""
+    text = (check_length(node, "steps", text, MAX_STEPS_TEXT) or "").strip().lower()
     if text in ("", "all", "*"):
         return None
-    steps = set()
-    for part in re.split(r"[,\s]+", text):
+    parts = re.split(r"[,\s]+", text)
+    if len(parts) > MAX_STEP_PARTS:
+        raise NodeInputError(node, f"steps lists {len(parts)} steps or ranges, more than {MAX_STEP_PARTS}: {excerpt(text)}")
+    ranges = []
+    for part in parts:
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
             raise NodeInputError(node, f"cannot read steps {excerpt(text)}; write 'all' or e.g. '0, 2-4'")
         a, b = int(m.group(1)), int(m.group(2) or m.group(1))
         if a > b or b > MAX_STEP:
             raise NodeInputError(node, f"steps {excerpt(part)}: a range runs from low to high, at most to {MAX_STEP}")
-        steps.update(range(a, b + 1))
-    return frozenset(steps)
+        ranges.append(range(a, b + 1))
+    return frozenset(step for r in ranges for step in r)

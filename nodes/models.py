@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from ..sae_models.blocks import ARCHS, Block, ModelArch, arch_of, find_block
 from .errors import NodeInputError, excerpt
+from .inputs import check_length
 from .sae_handle import SAEHandle
 from .schema import AUTO
+
+MAX_BLOCKS_TEXT = 1000  # characters in a block list (all 57 FLUX blocks by name take about 500)
 
 # The class of the diffusion model inside ComfyUI's BaseModel, for each architecture.
 _MODEL_CLASSES = {"UNetModel": "sdxl", "Flux": "flux"}
@@ -113,7 +116,7 @@ def parse_blocks(node: str, text: str, model) -> tuple[Block, ...]:
     """'paper' -> the paper's blocks of the MODEL's architecture (SDXL's four, FLUX's double.18); else block
     names separated by commas or spaces."""
     arch = require_arch(node, model)
-    names = [t for t in (text or "").replace(",", " ").split() if t]
+    names = [t for t in (check_length(node, "blocks", text, MAX_BLOCKS_TEXT) or "").replace(",", " ").split() if t]
     if not names:
         raise NodeInputError(node, "no block given")
     if [n.lower() for n in names] == ["paper"]:

@@ -4,8 +4,9 @@ A workflow is untrusted input: people queue workflows that others shared. So eve
 relative, and is resolved under one root: ComfyUI's output folder, its input folder, `models/sae`
 (`sae_folder`), or a dump folder that the server's owner registered (a workflow cannot register one). A path is refused, with
 an error naming the node and the input, when it is absolute, starts with `~`, holds `..`, a backslash, a
-`%` escape or a character outside letters, digits, space and `_ . , + - ( ) [ ] @ =`, or when it
-resolves, through a symbolic link, outside its root. The checks create nothing on disk.
+`%` escape or a character outside letters, digits, space and `_ . , + - ( ) [ ] @ =`, when it is longer
+than MAX_PATH_CHARS or a name in it longer than MAX_NAME_BYTES, or when it resolves, through a symbolic link,
+outside its root. The checks create nothing on disk.
 
 Extra dump folders (a big disk, say) are registered by the server's owner, in either way:
 - the environment variable `SAE_UNBOX_DUMP_FOLDERS`, `name=/path` entries separated by `os.pathsep`
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 DUMP_FOLDERS_ENV = "SAE_UNBOX_DUMP_FOLDERS"
 DUMP_FOLDERS_KEY = "sae_dumps"
 
+MAX_PATH_CHARS = 1024  # a path typed into a widget
+MAX_NAME_BYTES = 150  # one file or folder name in it: file systems take 255 bytes, the pack adds suffixes to some
 _PART = re.compile(r"[\w .,+\-()\[\]@=]+")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 # What ComfyUI's get_save_image_path itself expands in a filename prefix.
@@ -45,6 +48,8 @@ def relative_parts(node: str, input_name: str, text: str) -> list[str]:
 
     if not text:
         raise NodeInputError(node, f"{input_name} is empty")
+    if len(text) > MAX_PATH_CHARS:
+        refuse(f"is {len(text):,} characters long, more than {MAX_PATH_CHARS:,}")
     if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
         refuse("is an absolute path; give a path relative to the folder this input names")
     if text.startswith("~"):
@@ -61,6 +66,9 @@ def relative_parts(node: str, input_name: str, text: str) -> list[str]:
             refuse("holds '%'; escapes such as %2e are not decoded, write the path as it is")
         if not _PART.fullmatch(p):
             refuse("holds a character other than letters, digits, space and _ . , + - ( ) [ ] @ =")
+        if len(p.encode("utf-8")) > MAX_NAME_BYTES:
+            refuse(f"has a file or folder name of {len(p.encode('utf-8')):,} bytes, more than {MAX_NAME_BYTES} (the "
+                   "pack adds suffixes, and file systems allow 255)")
     return parts
 
 
@@ -103,6 +111,20 @@ def dump_folder(node: str, input_name: str, text: str) -> str:
     if parts[0] in roots:
         return confine(node, input_name, roots[parts[0]], parts[1:], f"the registered dump folder {parts[0]!r}")
     return confine(node, input_name, folder_paths.get_output_directory(), parts, "ComfyUI's output folder")
+
+
+def in_dump_roots(folder) -> bool:
+    """Whether `folder` (an absolute path from a file, e.g. a features index's dump) lies, with links resolved,
+    inside ComfyUI's output folder or a dump folder the server's owner registered: the folders a dump node
+    may write to, and so the only ones the pack reads a dump's images from."""
+    if not isinstance(folder, str) or not os.path.isabs(folder) or "\0" in folder:
+        return False
+    real = os.path.realpath(folder)
+    for root in (folder_paths.get_output_directory(), *dump_roots().values()):
+        base = os.path.realpath(root)
+        if os.path.commonpath([base, real]) == base:
+            return True
+    return False
 
 
 def input_file(node: str, input_name: str, text: str, suffixes: tuple[str, ...]) -> str:

@@ -11,10 +11,10 @@ from comfy_api.v0_0_2 import io, ui
 import comfy.utils
 
 from ..sae_models.files import atomic_write_text
-from .errors import NodeInputError
+from .errors import NodeInputError, validation_answer
 from .inputs import check_mask, parse_steps
 from .models import resolve_block
-from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE, SAE_PROBE, TARGET_CHOICES
+from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE, SAE_PROBE, TARGET_CHOICES, checked_numbers
 from .edits import mask_weights
 from .patch import attach_edit
 from .paths import output_prefix
@@ -52,12 +52,17 @@ class ProbeBlock(io.ComfyNode):
         )
 
     @classmethod
+    @checked_numbers
     def execute(cls, model, sae, block, steps, apply_to, probe=None) -> io.NodeOutput:
         blk = resolve_block(PROBE, sae, block, model)
         recorder = ProbeRecorder(steps=parse_steps(PROBE, steps), handle=sae, block_name=blk.short)
         edit = ProbeEdit(block=blk, target=apply_to, node=PROBE, handle=sae, record=recorder)
         probes = tuple(probe or ()) + (recorder,)
         return io.NodeOutput(attach_edit(model, edit), probes)
+
+    @classmethod
+    def validate_inputs(cls, steps):
+        return validation_answer(lambda: parse_steps(PROBE, steps), steps)
 
 
 def _pick(node: str, probes, block: str) -> ProbeRecorder:
@@ -128,6 +133,7 @@ class FeatureHeatmap(io.ComfyNode):
         )
 
     @classmethod
+    @checked_numbers
     def execute(cls, probe, image, feature, block, step, colormap, alpha, scale, rows=ROW_VIEWS[0],
                 cfg=DEFAULT_CFG) -> io.NodeOutput:
         rec, record = _record(HEATMAP, probe, block, step)
@@ -174,10 +180,9 @@ class TopFeatures(io.ComfyNode):
         )
 
     @classmethod
+    @checked_numbers
     def execute(cls, probe, image, top_n, block, step, image_index, columns, colormap, alpha, filename_prefix,
                 mask=None, rows=ROW_VIEWS[0], cfg=DEFAULT_CFG, hide_above_frequency=1.0) -> io.NodeOutput:
-        if top_n < 1:
-            raise NodeInputError(TOP, f"top_n must be at least 1, got {top_n}")
         save_to = _json_prefix(filename_prefix)
         rec, record = _record(TOP, probe, block, step)
         H, W = record.values.shape[1:3]
@@ -257,9 +262,8 @@ class TopFeatures(io.ComfyNode):
 
 
 def _always_on(rec: ProbeRecorder, threshold: float) -> torch.Tensor | None:
-    """Features active on more than `threshold` of all vectors by the SAE's statistics (None: hide none)."""
-    if not 0.0 <= threshold <= 1.0:
-        raise NodeInputError(TOP, f"hide_above_frequency must be between 0 and 1, got {threshold!r}")
+    """Features active on more than `threshold` (in [0, 1], the schema's bounds) of all vectors by the SAE's
+    statistics (None: hide none)."""
     if threshold >= 1.0:
         return None
     frequency = rec.handle.sae.stats.frequency

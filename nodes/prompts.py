@@ -7,8 +7,9 @@ import os
 from comfy_api.v0_0_2 import io
 
 from . import paths
-from .errors import NodeInputError, validation_answer
-from .schema import CATEGORY
+from .errors import NodeInputError, excerpt, validation_answers
+from .inputs import check_length
+from .schema import CATEGORY, checked_numbers
 
 PROMPTS = "SAE Prompt List"
 
@@ -17,21 +18,38 @@ PROMPT_FILES = (".txt",)
 NO_FILE = ""
 
 
+MAX_PROMPTS = 10_000
+MAX_TEXT = 2**20  # characters in the box, bytes in a file
+
+
+def prompt_file(node: str, file: str) -> str:
+    """The path of a prompt file named in `file`, checked: a .txt file in ComfyUI's input folder, at most
+    MAX_TEXT bytes."""
+    path = paths.input_file(node, "file", file, PROMPT_FILES)
+    size = os.path.getsize(path)
+    if size > MAX_TEXT:
+        raise NodeInputError(node, f"the prompt file {excerpt(file)} holds {size:,} bytes, more than {MAX_TEXT:,}")
+    return path
+
+
 def read_prompts(node: str, text: str, file: str) -> list[str]:
     """Prompts, one a line (blank lines and lines starting with '#' skipped), from `text` or from `file`, a
-    text file in ComfyUI's input folder."""
+    text file in ComfyUI's input folder; at most MAX_PROMPTS of them, from at most MAX_TEXT characters."""
     file = (file or "").strip()
     if file:
-        path = paths.input_file(node, "file", file, PROMPT_FILES)
+        path = prompt_file(node, file)
         try:
             with open(path, encoding="utf-8") as f:
-                text = f.read()
+                text = f.read(MAX_TEXT + 1)
         except (OSError, UnicodeDecodeError) as e:
-            raise NodeInputError(node, f"cannot read the prompt file {file!r}: {getattr(e, 'strerror', None) or e}") from None
-    prompts = [ln.strip() for ln in (text or "").splitlines()]
+            raise NodeInputError(node, f"cannot read the prompt file {excerpt(file)}: "
+                                       f"{getattr(e, 'strerror', None) or e}") from None
+    prompts = [ln.strip() for ln in check_length(node, "prompts", text, MAX_TEXT).splitlines()] if text else []
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise NodeInputError(node, "no prompt given (one prompt a line)")
+    if len(prompts) > MAX_PROMPTS:
+        raise NodeInputError(node, f"the list holds {len(prompts):,} prompts, more than {MAX_PROMPTS:,}; split it")
     return prompts
 
 
@@ -47,7 +65,7 @@ class PromptList(io.ComfyNode):
             "scripts/queue_prompts.py sets the index itself.",
             inputs=[
                 io.String.Input("prompts", multiline=True, default="a photo of a cat\na watercolor of a lighthouse",
-                                tooltip="One prompt a line; ignored when a file is given."),
+                                tooltip=f"One prompt a line (at most {MAX_PROMPTS:,}); ignored when a file is given."),
                 io.Combo.Input("file", options=[NO_FILE, *paths.input_files(PROMPT_FILES)], default=NO_FILE,
                                tooltip="A .txt file in ComfyUI's input folder, one prompt a line (empty: use the "
                                "box above)."),
@@ -60,6 +78,7 @@ class PromptList(io.ComfyNode):
         )
 
     @classmethod
+    @checked_numbers
     def execute(cls, prompts, file, index, seed_base=0) -> io.NodeOutput:
         items = read_prompts(PROMPTS, prompts, file)
         if index >= len(items):
@@ -68,10 +87,12 @@ class PromptList(io.ComfyNode):
                              ui={"text": [f"{index + 1}/{len(items)}: {items[index]}"]})
 
     @classmethod
-    def validate_inputs(cls, file):
-        # Listed here so that ComfyUI does not refuse a file added to input/ since the list was made; the
-        # file is checked as the node would read it.
-        return validation_answer(lambda: (file or "").strip() and paths.input_file(PROMPTS, "file", file, PROMPT_FILES), file)
+    def validate_inputs(cls, prompts, file):
+        # `file` is listed here so that ComfyUI does not refuse a file added to input/ since the list was made;
+        # the file is checked as the node would read it (size, not content: it may change before the run).
+        return validation_answers(
+            (lambda: (file or "").strip() and prompt_file(PROMPTS, file), file),
+            (lambda: (file or "").strip() or read_prompts(PROMPTS, prompts, ""), prompts))
 
     @classmethod
     def fingerprint_inputs(cls, prompts, file, index, seed_base=0):

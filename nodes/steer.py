@@ -6,9 +6,10 @@ from comfy_api.v0_0_2 import io
 
 from ..sae_models.steering import MODES
 from .errors import NodeInputError
-from .inputs import check_mask, check_strength, parse_features, sigma_range
+from .inputs import check_mask, parse_features, sigma_range
 from .models import resolve_block
-from .schema import AUTO, BLOCK_CHOICES, CATEGORY, PAINT_BOTH, SAE, STEER_TARGETS, TARGET_CHOICES
+from .schema import (AUTO, BLOCK_CHOICES, CATEGORY, PAINT_BOTH, SAE, STEER_TARGETS, TARGET_CHOICES,
+                     checked_numbers)
 from .edits import ReconstructEdit, SteerEdit
 from .patch import attach_edit
 
@@ -65,10 +66,10 @@ class SteerFeatures(io.ComfyNode):
         )
 
     @classmethod
+    @checked_numbers
     def execute(cls, model, sae, features, strength, mode, block, units, start_percent, end_percent, apply_to,
                 mask=None) -> io.NodeOutput:
         blk = resolve_block(STEER, sae, block, model)
-        strength = check_strength(STEER, "strength", strength)
         feats, strengths = parse_features(STEER, features, sae.sae.n_features, strength)
         mask = check_mask(STEER, mask)
         if apply_to == PAINT_BOTH and mode != "add":
@@ -124,6 +125,7 @@ class ReconstructBlock(io.ComfyNode):
         )
 
     @classmethod
+    @checked_numbers
     def execute(cls, model, sae, block, keep_error, start_percent, end_percent, apply_to, mask=None):
         blk = resolve_block(RECONSTRUCT, sae, block, model)
         mask = check_mask(RECONSTRUCT, mask)

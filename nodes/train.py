@@ -16,10 +16,10 @@ from ..sae_models import shards
 from ..sae_models.blocks import SDXL, SHORT_NAMES, arch_of
 from ..sae_models.pipeline import train_on_dump
 from . import paths
-from .errors import NodeInputError, validation_answer
+from .errors import NodeInputError, excerpt, validation_answers
 from .sae_folder import sae_file, sae_root
 from .sae_handle import SAEHandle
-from .schema import CATEGORY, SAE
+from .schema import CATEGORY, SAE, checked_numbers
 
 NODE = "SAE Train"
 ONLY_BLOCK = "the dump's only block"
@@ -36,7 +36,8 @@ def _dump_block(node: str, folder: str, choice: str) -> str:
 def _output_path(node: str, name: str, overwrite: bool) -> str:
     path = sae_file(node, "save_name", name)
     if os.path.exists(path) and not overwrite:
-        raise NodeInputError(node, f"{path} exists; choose another save_name or turn on overwrite")
+        raise NodeInputError(node, f"models/sae already holds {excerpt(os.path.basename(path))}; choose another "
+                                   "save_name or turn on overwrite")
     return path
 
 
@@ -88,14 +89,11 @@ class TrainSAE(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, dump_folder, save_name):
-        for value, check in ((dump_folder, lambda: paths.dump_folder(NODE, "dump_folder", dump_folder)),
-                             (save_name, lambda: sae_file(NODE, "save_name", save_name))):
-            answer = validation_answer(check, value)
-            if answer is not True:
-                return answer
-        return True
+        return validation_answers((lambda: paths.dump_folder(NODE, "dump_folder", dump_folder), dump_folder),
+                                  (lambda: sae_file(NODE, "save_name", save_name), save_name))
 
     @classmethod
+    @checked_numbers
     def execute(cls, dump_folder, block, n_features, k, architecture, max_tokens, batch_size, lr, eval_fraction,
                 seed, save_name, overwrite) -> io.NodeOutput:
         out = _output_path(NODE, save_name, overwrite)

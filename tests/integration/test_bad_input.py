@@ -59,7 +59,7 @@ def test_an_sae_file_with_non_finite_numbers_is_refused_at_load(pk, tmp_path, mo
             getattr(h.sae, where).view(-1)[7] = bad
         shown = f"tensor {where}"
     write_native(pk, tmp_path / "bad.safetensors", h.sae)
-    with pytest.raises(ValueError, match=f"^Load SAE: {tmp_path}/bad.safetensors: {shown} holds 1 non-finite "
+    with pytest.raises(ValueError, match=f"^Load SAE: bad.safetensors: {shown} holds 1 non-finite "
                                          r"value\(s\) \(NaN or inf\)"):
         pk.N["UnboxLoadSAE"].execute("bad.safetensors")
 
@@ -193,7 +193,7 @@ def top(pk, probes, image, top_n=3, rows="cond", cfg=8.0, mask=None, image_index
 def test_top_n_below_one_is_refused(pk, tiny, model):
     probed, probes = pk.N["UnboxProbeBlock"].execute(model, make_sae(pk), AUTO, "all", "cond").args
     sample(tiny, probed)
-    with pytest.raises(ValueError, match="^SAE Top Features: top_n must be at least 1, got 0$"):
+    with pytest.raises(ValueError, match="^SAE Top Features: top_n must be a whole number between 1 and 256, got 0$"):
         top(pk, probes, torch.rand(1, 128, 128, 3), top_n=0)
 
 

@@ -237,7 +237,7 @@ def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, output_dir, monkey
     saved = sae_dir / "trained.safetensors"
     assert saved.is_file() and (sae_dir / "trained.features.json").is_file()
     assert "FVU" in out.ui["text"][0]
-    with pytest.raises(ValueError, match="exists; choose another save_name"):
+    with pytest.raises(ValueError, match="already holds .*; choose another save_name"):
         train.execute("dump", "up.0.1", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "trained", False)
 
     loaded = pk.N["UnboxLoadSAE"].execute("trained.safetensors").args[0]

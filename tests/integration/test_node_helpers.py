@@ -3,6 +3,9 @@ mask weights. Expected values are written out by hand."""
 
 from __future__ import annotations
 
+import re
+import sys
+
 import pytest
 import torch
 
@@ -71,6 +74,43 @@ def test_parse_steps(pk):
     assert parse("N", "3 1") == frozenset({1, 3})
     with pytest.raises(ValueError, match="N: cannot read steps 'one'"):
         parse("N", "one")
+    assert parse("N", ", ".join(f"{i}-{i + 1}" for i in range(0, 128, 2))) == frozenset(range(128))  # 64 parts
+    with pytest.raises(ValueError, match="^N: steps lists 65 steps or ranges, more than 64: '0-10000, "):
+        parse("N", ", ".join(["0-10000"] * 65))
+    with pytest.raises(ValueError, match="^N: steps holds 1,001 characters, more than 1,000: '"):
+        parse("N", "1" * 1001)
+
+
+@pytest.mark.parametrize("value, whole, low, high, message", [
+    (-5, True, 0, 10, "N: x must be a whole number between 0 and 10, got -5"),
+    (11, True, 0, 10, "N: x must be a whole number between 0 and 10, got 11"),
+    (2.0, True, 0, 10, "N: x must be a whole number between 0 and 10, got 2.0"),
+    (True, True, 0, 10, "N: x must be a whole number between 0 and 10, got True"),
+    (float("nan"), False, 0.0, 1.0, "N: x must be a finite number between 0 and 1, got nan"),
+    (float("inf"), False, None, None, "N: x must be a finite number between -inf and inf, got inf"),
+    (1.5, False, 0.0, 1.0, "N: x must be a finite number between 0 and 1, got 1.5"),
+    ("3", False, 0.0, 10.0, "N: x must be a finite number between 0 and 10, got '3'"),
+])
+def test_check_number_refuses_what_the_widget_would(pk, value, whole, low, high, message):
+    schema = sys.modules[pk.inputs.__name__.rsplit(".", 1)[0] + ".schema"]
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        schema.check_number("N", "x", value, low, high, whole)
+    assert schema.check_number("N", "x", 3, 0, 10, True) == 3
+    assert schema.check_number("N", "x", 1, 0.0, 1.0, False) == 1.0 and schema.check_number("N", "x", 0, 0.0, 1.0, False) == 0.0
+
+
+def test_every_pack_node_checks_its_numbers_when_it_runs(comfy_pack):
+    """Values through links reach `execute` without ComfyUI's range check: each node with an INT or FLOAT input
+    checks them itself, with the bounds its schema gives."""
+    from comfy_api.latest import io
+
+    numeric = []
+    for name in sorted(comfy_pack.pack_node_names):
+        cls = comfy_pack.node(name)
+        if any(isinstance(i, (io.Int.Input, io.Float.Input)) for i in cls.define_schema().inputs):
+            numeric.append(name)
+            assert getattr(cls.execute, "checks_numbers", False), f"{name}.execute does not check its numbers"
+    assert len(numeric) >= 8  # steer, reconstruct, heatmap, top features, find, dump x2, train, prompts, mask
 
 
 def test_mask_weights_average_the_mask_over_the_grid_and_repeat_it_over_the_batch(pk):
