@@ -6,7 +6,9 @@ Routes (also under ComfyUI's `/api` prefix):
   GET /sae_unbox/saes                    SAEs in models/sae that have a features index (their headers)
   GET /sae_unbox/features?sae=NAME&sort=frequency|mean|max|feature&order=desc|asc&q=TEXT&hide_dead=1
                          &offset=0&limit=50
-  GET /sae_unbox/image?sae=NAME&file=REL an image of the SAE's dump folder (only files inside it)
+  GET /sae_unbox/image?sae=NAME&file=REL an image of the SAE's dump folder: only one that the dump's records
+                                         name, and only from a dump folder in ComfyUI's output folder or a
+                                         registered one
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..sae_models import FeatureStats, FeatureTable, SAEError
+from ..sae_models import FeatureStats, FeatureTable, SAEError, shards
 from ..sae_models.features_table import SORT_KEYS
 from ..sae_models.labels import LabelError, read_labels
 from ..sae_models.stats import features_index_path, read_features_index
 from .errors import NodeInputError
+from .paths import in_dump_roots
 from .routes import PREFIX, Refused, answer
 from .sae_folder import available_saes, file_version, find_sae, sae_header
 
@@ -31,6 +34,7 @@ NODE = "SAE feature browser"
 PAGE = Path(__file__).resolve().parents[1] / "web" / "feature_browser.html"
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 MAX_LIMIT = 500
+MAX_FILE_PARAM = 1024
 
 
 def _describe(name: str, config, stats: FeatureStats) -> dict:
@@ -47,8 +51,27 @@ class _Entry:
         index = read_features_index(index_path, config.n_features)
         self.name, self.config, self.path = name, config, path
         self.table = FeatureTable(index, stats)
+        # The index is as untrusted as the SAE it came with: its dump folder is used only where a dump node
+        # could have written it, and only the images that dump's own records name are served from it.
         dump = index.get("dump")
-        self.dump = os.path.realpath(dump) if isinstance(dump, str) and dump else None
+        self.dump = os.path.realpath(dump) if in_dump_roots(dump) else None
+        self._images: tuple = ((), frozenset())  # (records' version, the image files they name)
+
+    def image_files(self) -> frozenset:
+        """The image files (relative to the dump) that the dump's image records name, read again when a
+        record file changes."""
+        folder = Path(self.dump) / shards.IMAGES_DIR
+        try:
+            version = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.jsonl")))
+        except OSError:
+            return frozenset()
+        if version != self._images[0]:
+            try:
+                named = frozenset(r["file"] for r in shards.done_images(self.dump) if isinstance(r.get("file"), str))
+            except (SAEError, OSError):
+                named = frozenset()
+            self._images = (version, named)
+        return self._images[1]
 
     def refresh_labels(self) -> None:
         """The labels as they are now (they change while the page is open); a bad file shows none."""
@@ -147,17 +170,24 @@ class FeatureBrowser:
         return {"sae": entry.summary(), **result}
 
     def _image_path(self, q) -> str:
-        entry = self._entry(q.get("sae", ""))
         rel = q.get("file", "")
+        if not rel or "\0" in rel or len(rel) > MAX_FILE_PARAM:
+            raise Refused(400, "file is the image's path in the dump folder, as the features index gives it")
+        entry = self._entry(q.get("sae", ""))
         if entry.dump is None:
-            raise Refused(404, f"the features index of {entry.name!r} records no dump folder")
+            raise Refused(404, f"the features index of {entry.name!r} names no dump folder in ComfyUI's output "
+                               "folder or a registered dump folder")
+        with self._lock:
+            named = entry.image_files()
+        if rel not in named:
+            raise Refused(404, f"{rel[:80]!r} is not an image that the dump's records name")
         path = os.path.realpath(os.path.join(entry.dump, rel))
-        if not rel or os.path.commonpath([path, entry.dump]) != entry.dump:
-            raise Refused(403, f"{rel!r} is not a file inside the dump folder of {entry.name!r}")
+        if os.path.commonpath([path, entry.dump]) != entry.dump:
+            raise Refused(403, f"{rel[:80]!r} is not a file inside the dump folder of {entry.name!r}")
         if os.path.splitext(path)[1].lower() not in IMAGE_TYPES:
-            raise Refused(403, f"{rel!r} is not an image ({', '.join(IMAGE_TYPES)})")
+            raise Refused(403, f"{rel[:80]!r} is not an image ({', '.join(IMAGE_TYPES)})")
         if not os.path.isfile(path):
-            raise Refused(404, f"{rel!r} is not in {entry.dump} (moved or deleted?)")
+            raise Refused(404, f"{rel[:80]!r} is not in the dump folder (moved or deleted?)")
         return path
 
     # -- handlers --

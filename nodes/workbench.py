@@ -29,6 +29,7 @@ from aiohttp import web
 from PIL import Image
 
 from ..sae_models import SAEError
+from ..sae_models.blocks import find_block
 from ..sae_models.labels import LabelError, import_label_set, read_labels, set_label
 from .errors import NodeInputError
 from .recording import StepRecord
@@ -241,10 +242,12 @@ class Workbench:
             raise Refused(400, "text holds the label set (JSON, JSON Lines or CSV)")
         if block is None:
             block = sae_header(path)[0].block
+        elif not isinstance(block, str) or find_block(block) is None:
+            raise Refused(400, "block names one block, e.g. 'down.2.1' (or leave it out: the SAE's own block)")
         try:
             found, total = import_label_set(path, text, n, block=block)
         except LabelError as e:
-            raise Refused(400, e.reason) from None
+            raise Refused(400, f"text: {e.reason}") from None
         return {"sae": body["sae"], "imported": found, "labels": total}
 
     async def labels(self, request: web.Request) -> web.Response:

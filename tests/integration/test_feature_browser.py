@@ -28,7 +28,8 @@ def browsable(comfy_server_with_frontend, tmp_path_factory):
     """A dump (shards + PNGs + records) written by the library, and an SAE with statistics and a features index
     in the server's models/sae."""
     server = comfy_server_with_frontend
-    dump = tmp_path_factory.mktemp("browse") / "dump"
+    # where a dump node writes: the browser serves images only from ComfyUI's output folder or a registered one
+    dump = server.output_dir / tmp_path_factory.mktemp("browse").name / "dump"
     g = torch.Generator().manual_seed(0)
     writer = ShardWriter(dump, writer_id="w0", rows_per_shard=48, dtype=torch.float32)
     (dump / "images").mkdir(parents=True, exist_ok=True)
@@ -119,19 +120,24 @@ def test_search_and_paging(browsable):
     assert [row["feature"] for row in page2["features"]] == list(range(10, 20))
 
 
-def test_images_are_served_only_from_the_dump_folder(browsable, tmp_path):
+def test_only_images_that_the_dumps_records_name_are_served(browsable):
     server, _, dump = browsable
     r = get(server, "/sae_unbox/image", sae=NAME, file="images/3.png")
     assert r.status_code == 200 and r.headers["Content-Type"] == "image/png"
     assert r.content == (dump / "images" / "3.png").read_bytes()
     (dump.parent / "secret.png").write_bytes(b"not yours")
-    for bad in ("../secret.png", str(dump.parent / "secret.png"), "images/../../secret.png"):
+    (dump / "images" / "unnamed.png").write_bytes((dump / "images" / "3.png").read_bytes())
+    for bad in ("../secret.png", str(dump.parent / "secret.png"), "images/../../secret.png", "manifest.json",
+                "images/unnamed.png", "images/99.png", "images/3.png/"):
         r = get(server, "/sae_unbox/image", sae=NAME, file=bad)
-        assert r.status_code == 403 and "not a file inside the dump folder" in r.json()["error"]
-    r = get(server, "/sae_unbox/image", sae=NAME, file="manifest.json")
-    assert r.status_code == 403 and "not an image" in r.json()["error"]
-    r = get(server, "/sae_unbox/image", sae=NAME, file="images/99.png")
-    assert r.status_code == 404 and "moved or deleted" in r.json()["error"]
+        assert r.status_code == 404 and "not an image that the dump's records name" in r.json()["error"], bad
+    gone = dump / "images" / "9.png"
+    gone.rename(gone.with_suffix(".bak"))
+    try:
+        r = get(server, "/sae_unbox/image", sae=NAME, file="images/9.png")
+        assert r.status_code == 404 and "moved or deleted" in r.json()["error"]
+    finally:
+        gone.with_suffix(".bak").rename(gone)
 
 
 def test_bad_requests_get_clear_errors(browsable):

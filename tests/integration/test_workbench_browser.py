@@ -105,13 +105,19 @@ def served(start_comfy_server, tmp_path_factory, tiny, comfy_pack):
 
 def write_dataset_index(dump: Path, sae_folder: Path, n_features: int = 512):
     """A features index for the down.2.1 SAE, as training writes one: every feature's top dataset images are
-    two images of a dump folder (a red and a blue one), so the panel can show them for any feature."""
+    two images of a dump folder (a red and a blue one, named by the dump's records), so the panel can show them
+    for any feature."""
+    import torch
+
     import sae_models
     from sae_models.stats import features_index_path
 
-    (dump / "images").mkdir(parents=True)
+    writer = sae_models.ShardWriter(dump, writer_id="w", rows_per_shard=16, dtype=torch.float32)
     for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
         Image.new("RGB", (64, 64), colour).save(dump / "images" / f"{name}.png")
+        writer.add_image({"prompt": f"a {name} square", "file": f"images/{name}.png"},
+                         {"down.2.1": {"update": torch.zeros(16, 8), "grid": (4, 4)}})
+    writer.close()
     top = [{"writer": "w", "image": i, "position": [3, 4], "value": 2.0 - i, "prompt": f"a {name} square",
             "file": f"images/{name}.png"} for i, name in enumerate(("red", "blue"))]
     sae_models.write_features_index({"block": "down.2.1", "n_features": n_features, "top_n": 2,
