@@ -236,9 +236,10 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def _serve(comfyui_path: Path, root: Path, frontend: bool, extra_args: tuple = ()):
+def _serve(comfyui_path: Path, root: Path, frontend: bool, extra_args: tuple = (), extra_env: dict | None = None):
     """A headless ComfyUI server (CPU) with the pack and the tiny test nodes under `root`; stopped after.
-    `extra_args` go to main.py (e.g. `--fp16-unet`). A `root` used before is used again as it is (a restart)."""
+    `extra_args` go to main.py (e.g. `--fp16-unet`), `extra_env` to its environment. A `root` used before is
+    used again as it is (a restart)."""
     names = ("custom_nodes", "checkpoints", "diffusion_models", "sae", "output", "input", "temp", "user", "frontend",
              "bigdisk", "yamldisk")
     dirs = {n: root / n for n in names}
@@ -269,7 +270,7 @@ def _serve(comfyui_path: Path, root: Path, frontend: bool, extra_args: tuple = (
         cmd += ["--front-end-root", str(dirs["frontend"])]
     cmd += list(extra_args)
     env = {**os.environ, "COMFYUI_PATH": str(comfyui_path), "PYTHONUNBUFFERED": "1",
-           "SAE_UNBOX_DUMP_FOLDERS": f"bigdisk={dirs['bigdisk']}"}
+           "SAE_UNBOX_DUMP_FOLDERS": f"bigdisk={dirs['bigdisk']}", **(extra_env or {})}
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=comfyui_path, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -295,11 +296,12 @@ def comfy_server(comfyui_path, tmp_path_factory):
 @pytest.fixture(scope="session")
 def start_comfy_server(comfyui_path, tmp_path_factory):
     """Start another headless server: `with start_comfy_server("--fp16-unet") as s:`; `root=` a folder of an
-    earlier one to restart it on the same folders, `frontend=True` to serve the web frontend too."""
+    earlier one to restart it on the same folders, `frontend=True` to serve the web frontend too, `env=` more
+    environment variables."""
 
-    def start(*extra_args: str, root: Path | None = None, frontend: bool = False):
+    def start(*extra_args: str, root: Path | None = None, frontend: bool = False, env: dict | None = None):
         return _serve(comfyui_path, root or tmp_path_factory.mktemp("comfy_server_args"), frontend=frontend,
-                      extra_args=extra_args)
+                      extra_args=extra_args, extra_env=env)
 
     return start
 
