@@ -48,8 +48,8 @@ def import_comfyui():
 def load_pack(comfy_nodes) -> str:
     """Load the pack with ComfyUI's custom-node loader; returns the pack's module name."""
     asyncio.run(comfy_nodes.load_custom_node(str(ROOT)))
-    pack = next(m for name, m in sys.modules.items() if name.endswith(".nodes.patch") and hasattr(m, "attach_edit"))
-    return pack.__name__.rsplit(".nodes.patch", 1)[0]
+    pack = next(m for name, m in sys.modules.items() if name.endswith(".nodes.patching") and hasattr(m, "attach_edit"))
+    return pack.__name__.rsplit(".nodes.patching", 1)[0]
 
 
 def full_sdxl(seed: int = 0):

@@ -33,8 +33,7 @@ from . import paths
 from .errors import NodeInputError, excerpt, validation_answers
 from .inputs import check_length, parse_steps
 from .models import MAX_BLOCKS_TEXT, block_channels, parse_blocks
-from .patch import CallInfo, attach_edit
-from .recording import RecordingEdit, RunRecord
+from .patching import CallInfo, DumpEdit, RunRecord, attach_edit
 from .schema import CATEGORY, SAE_DUMP, TARGET_CHOICES, checked_numbers
 
 log = logging.getLogger(__name__)
@@ -99,31 +98,34 @@ class DumpSession(RunRecord):
     rows_per_shard: int = 16384
     writer_id: str | None = None
     _run: dict = field(default_factory=dict)
-    _out_of_range: dict = field(default_factory=dict)  # block -> largest |value| the dump dtype cannot hold
     _writer: shards.ShardWriter | None = None
 
     def _new_run(self) -> None:  # a new sampling run: forget an unfinished one
-        self._run, self._out_of_range = {}, {}
+        self._run = {}
 
     def add(self, block: Block, info: CallInfo, rows: list[int], tensors: dict[str, torch.Tensor]) -> None:
-        """Keep the rows of one UNet call (tensors `[len(rows), H, W, C]`) for the run in progress, in the
-        dump's dtype; note values that dtype cannot hold (float16 tops out at 65504)."""
-        stored = {k: v.detach().to("cpu", self.dtype) for k, v in tensors.items()}
-        overflow = not all(bool(torch.isfinite(v).all()) for v in stored.values())
+        """Keep the rows of one UNet call (tensors `[len(rows), H, W, C]`) for the run in progress, on the sampling
+        device (no wait for it while the model samples); `take_run` brings them to the host."""
         with self._lock:
             self._enter(info)
-            if overflow:
-                worst = max(float(t.float().abs().max()) for t in tensors.values())
-                self._out_of_range[block.short] = max(worst, self._out_of_range.get(block.short, 0.0))
             self._run.setdefault(block.short, []).append(dict(
-                tensors=stored, step=info.step, sigma=info.sigma,
+                tensors={k: v.detach().clone() for k, v in tensors.items()}, step=info.step, sigma=info.sigma,
                 kind=[info.row_kind[r] for r in rows], image=[info.row_image[r] for r in rows]))
 
     def take_run(self) -> tuple[dict, dict]:
-        """The rows recorded in the latest run, and the blocks whose values the dtype could not hold."""
+        """The rows recorded in the latest run, on the host in the dump's dtype, and the blocks whose values that
+        dtype could not hold ({block: largest |value|}; float16 tops out at 65504)."""
         with self._lock:
-            run, bad = self._run, self._out_of_range
-            self._run, self._out_of_range, self._schedule = {}, {}, None
+            run = self._run
+            self._run, self._schedule = {}, None
+        bad: dict[str, float] = {}
+        for block, chunks in run.items():
+            for chunk in chunks:
+                source = chunk["tensors"]
+                chunk["tensors"] = {k: v.to("cpu", self.dtype) for k, v in source.items()}
+                if not all(bool(torch.isfinite(v).all()) for v in chunk["tensors"].values()):
+                    worst = max(float(t.float().abs().max()) for t in source.values())
+                    bad[block] = max(worst, bad.get(block, 0.0))
         return run, bad
 
     @property
@@ -140,25 +142,6 @@ def _flush_quietly(writer: shards.ShardWriter) -> None:
         writer.flush()
     except Exception as e:  # at exit there is nobody to tell but the log
         log.error("SAE dump: could not write the last rows of %s: %s", writer.folder, e)
-
-
-@dataclass(frozen=True, eq=False)
-class DumpEdit(RecordingEdit):
-    """Copies the block's update (and optionally input and output) of the selected rows to the session."""
-
-    needs_block_input = True
-
-    def apply(self, update, info, block_input=None):
-        rows = self.rows_to_record(info)
-        if not rows:
-            return None
-        u = update[rows]
-        tensors = {"update": u}
-        if "input" in self.record.fields:
-            x = block_input[rows].to(u.dtype)
-            tensors["input"], tensors["output"] = x, x + u
-        self.record.add(self.block, info, rows, tensors)
-        return None
 
 
 class DumpActivations(io.ComfyNode):

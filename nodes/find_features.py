@@ -14,8 +14,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from .errors import NodeInputError
 from .models import resolve_block
-from .patch import attach_edit
-from .recording import ProbeEdit, ProbeRecorder
+from .patching import ProbeEdit, ProbeRecorder, attach_edit
 from .render import labelled_grid, overlay
 from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE, checked_numbers
 

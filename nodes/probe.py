@@ -15,10 +15,8 @@ from .errors import NodeInputError, validation_answer
 from .inputs import check_mask, parse_steps
 from .models import resolve_block
 from .schema import AUTO, BLOCK_CHOICES, CATEGORY, SAE, SAE_PROBE, TARGET_CHOICES, checked_numbers
-from .edits import mask_weights
-from .patch import attach_edit
+from .patching import ROW_VIEWS, ProbeEdit, ProbeRecorder, StepRecord, attach_edit, mask_weights
 from .paths import output_prefix
-from .recording import ROW_VIEWS, ProbeEdit, ProbeRecorder, StepRecord
 from .render import COLORMAPS, labelled_grid, overlay
 from .workbench import keep_run
 

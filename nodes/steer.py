@@ -10,8 +10,7 @@ from .inputs import check_mask, parse_features, sigma_range
 from .models import resolve_block
 from .schema import (AUTO, BLOCK_CHOICES, CATEGORY, PAINT_BOTH, SAE, STEER_TARGETS, TARGET_CHOICES,
                      checked_numbers)
-from .edits import ReconstructEdit, SteerEdit
-from .patch import attach_edit
+from .patching import ReconstructEdit, SteerEdit, attach_edit
 
 STEER = "SAE Steer Features"
 RECONSTRUCT = "SAE Reconstruct Block"

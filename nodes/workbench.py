@@ -32,7 +32,7 @@ from ..sae_models import SAEError
 from ..sae_models.blocks import find_block
 from ..sae_models.labels import LabelError, import_label_set, read_labels, set_label
 from .errors import NodeInputError
-from .recording import StepRecord
+from .patching import StepRecord
 from .routes import PREFIX, Refused, answer, posted
 from .sae_folder import available_saes, find_sae, sae_header
 

@@ -16,70 +16,90 @@ import torch
 from .architectures import SparseAutoencoder
 
 
-def _directions(sae: SparseAutoencoder, features) -> torch.Tensor:
-    return sae.feature_directions(list(features))  # [F, d]
+def _directions(sae: SparseAutoencoder, features, directions=None) -> torch.Tensor:
+    return sae.feature_directions(features if isinstance(features, torch.Tensor) else list(features)) \
+        if directions is None else directions  # [F, d]
 
 
 def _amounts(amounts, like: torch.Tensor) -> torch.Tensor:
+    # a tensor already on the right device and dtype is used as it is (no copy)
     return torch.as_tensor(amounts, dtype=like.dtype, device=like.device).reshape(-1)
+
+
+def _weighted(change: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return change if w is None else w.to(change.dtype).unsqueeze(-1) * change
 
 
 def feature_codes(sae: SparseAutoencoder, u: torch.Tensor, features) -> torch.Tensor:
     """Activations `[N, F]` of the given features at each position (0 where inactive)."""
     values, indices = sae.encode_sparse(u)
-    feats = torch.as_tensor(list(features), device=indices.device)
+    feats = torch.as_tensor(features, device=indices.device)
     hit = indices.unsqueeze(-1) == feats  # [N, width, F]
     return (values.unsqueeze(-1) * hit).sum(-2)
 
 
+def add_vector(amounts: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """`sum_f amount_f * d_f` `[d]`: what the paper's Paint adds at a fully painted position."""
+    return amounts @ directions
+
+
+def delta(mode: str, u, sae, features, amounts, w=None, directions=None) -> torch.Tensor:
+    """What an edit adds to the updates `u [N, d]`: the change at each position times its weight `w [N]` (None:
+    all 1). `features` and `amounts` may be lists or tensors on u's device; `directions` `[F, d]` the features'
+    decoder rows, when the caller has them."""
+    d = _directions(sae, features, directions).to(u.dtype)
+    if mode == "add":  # the paper's Paint: needs no encoding
+        change = add_vector(_amounts(amounts, u), d).expand_as(u)
+    elif mode == "ablate":  # remove each feature's contribution c_f * d_f where active (`amounts` of it)
+        codes = feature_codes(sae, u, features).to(u.dtype)
+        change = -((codes if amounts is None else codes * _amounts(amounts, u)) @ d)
+    elif mode == "set":  # set each feature's code to amount_f, keeping the error: (a_f - c_f) d_f
+        codes = feature_codes(sae, u, features).to(u.dtype)
+        change = (_amounts(amounts, u).expand_as(codes) - codes) @ d
+    elif mode == "replace":  # the paper's feature icon: the update becomes sum_f a_f d_f (no bias, no error)
+        change = add_vector(_amounts(amounts, u), d).expand_as(u) - u
+    else:
+        raise ValueError(f"unknown steering mode {mode!r}; known: {', '.join(MODES)}")
+    return _weighted(change, w)
+
+
+def reconstruct_delta(u, sae, w=None, keep_error: bool = False) -> torch.Tensor:
+    """What replacing the update by the SAE's reconstruction `x_hat` adds (with `keep_error`, by
+    `x_hat + (u - x_hat)`, which is `u` itself up to rounding: a check that the patch path changes nothing)."""
+    x_hat = sae(u).to(u.dtype)
+    new = x_hat + (u - x_hat) if keep_error else x_hat
+    return _weighted(new - u, w)
+
+
 def add(u, sae, features, amounts, w) -> torch.Tensor:
     """The paper's Paint: add `amount_f * d_f` at every weighted position. Needs no encoding."""
-    delta = _amounts(amounts, u) @ _directions(sae, features).to(u.dtype)  # [d]
-    return u + w.to(u.dtype).unsqueeze(-1) * delta
+    return u + delta("add", u, sae, features, amounts, w)
 
 
 def ablate(u, sae, features, w, fractions=None) -> torch.Tensor:
     """Remove each feature's own contribution `c_f * d_f` where it is active (`fractions` of it, default all)."""
-    codes = feature_codes(sae, u, features).to(u.dtype)  # [N, F]
-    if fractions is not None:
-        codes = codes * _amounts(fractions, u)
-    return u - w.to(u.dtype).unsqueeze(-1) * (codes @ _directions(sae, features).to(u.dtype))
+    return u + delta("ablate", u, sae, features, fractions, w)
 
 
 def clamp(u, sae, features, amounts, w) -> torch.Tensor:
     """Set each feature's code to `amount_f` and re-decode, keeping the error: `u + (a_f - c_f) d_f`."""
-    codes = feature_codes(sae, u, features).to(u.dtype)
-    target = _amounts(amounts, u).expand_as(codes)
-    return u + w.to(u.dtype).unsqueeze(-1) * ((target - codes) @ _directions(sae, features).to(u.dtype))
+    return u + delta("set", u, sae, features, amounts, w)
 
 
 def replace(u, sae, features, amounts, w) -> torch.Tensor:
     """The paper's feature icon: replace the whole update by `sum_f amount_f * d_f` (no bias, no error)."""
-    new = (_amounts(amounts, u) @ _directions(sae, features).to(u.dtype)).expand_as(u)
-    w = w.to(u.dtype).unsqueeze(-1)
-    return u * (1 - w) + new * w
+    return u + delta("replace", u, sae, features, amounts, w)
 
 
 def reconstruct(u, sae, w, keep_error: bool = False) -> torch.Tensor:
-    """Replace the update by the SAE's reconstruction `x_hat` (with `keep_error`, by `x_hat + (u - x_hat)`,
-    which is `u` itself up to rounding: a check that the patch path changes nothing)."""
-    x_hat = sae(u).to(u.dtype)
-    new = x_hat + (u - x_hat) if keep_error else x_hat
-    w = w.to(u.dtype).unsqueeze(-1)
-    return u * (1 - w) + new * w
+    """Replace the update by the SAE's reconstruction `x_hat` (with `keep_error`, by `x_hat + (u - x_hat)`)."""
+    return u + reconstruct_delta(u, sae, w, keep_error)
 
 
 MODES = ("add", "ablate", "set", "replace")
 
 
 def apply(mode: str, u, sae, features, amounts, w) -> torch.Tensor:
-    """Dispatch on the steering mode name used by the nodes."""
-    if mode == "add":
-        return add(u, sae, features, amounts, w)
-    if mode == "ablate":  # amounts are the fractions of each contribution to remove
-        return ablate(u, sae, features, w, amounts)
-    if mode == "set":
-        return clamp(u, sae, features, amounts, w)
-    if mode == "replace":
-        return replace(u, sae, features, amounts, w)
-    raise ValueError(f"unknown steering mode {mode!r}; known: {', '.join(MODES)}")
+    """Dispatch on the steering mode name used by the nodes (for `ablate`, amounts are the fractions of each
+    contribution to remove)."""
+    return u + delta(mode, u, sae, features, amounts, w)

@@ -13,8 +13,8 @@ def pk(comfy_pack):
     name = comfy_pack.module.__name__
 
     class P:
-        patch = sys.modules[name + ".nodes.patch"]
-        edits = sys.modules[name + ".nodes.edits"]
+        patch = sys.modules[name + ".nodes.patching"]  # the patching engine (its package exports all of it)
+        edits = patch
         inputs = sys.modules[name + ".nodes.inputs"]
         render = sys.modules[name + ".nodes.render"]
         paths = sys.modules[name + ".nodes.paths"]

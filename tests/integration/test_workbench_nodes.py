@@ -93,7 +93,7 @@ def test_concept_search_ranks_a_planted_feature_first(pk, tiny, model):
 
 def record(pk, rows=1, grid=4, width=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    StepRecord = sys.modules[pk.patch.__name__.rsplit(".", 1)[0] + ".recording"].StepRecord
+    StepRecord = pk.patch.StepRecord
     return StepRecord(0, 1.0, torch.rand(rows, grid, grid, width, generator=g),
                       torch.randint(0, 32, (rows, grid, grid, width), generator=g), [0] * rows, list(range(rows)),
                       n_features=32)

@@ -1,5 +1,5 @@
-"""How the patch reads a block's input and output as a grid of image positions `[B, h, w, C]`, and writes an
-edited output back, for each kind of block (`sae_models.blocks`):
+"""How the patch reads a block's input and output as a grid of image positions `[B, h, w, C]` for each kind of
+block (`sae_models.blocks`); the output's grid is a view into the block's output, which edits write in place:
 
 - `spatial` (SDXL's SpatialTransformer): `[B, C, H, W]` in and out; the grid is the tensor itself.
 - `double` (FLUX double-stream): called with keywords `img`, `txt`, ...; returns `(img, txt)`. The image
@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,9 @@ class Layout:
 
 
 def _grid(tokens: torch.Tensor, layout: Layout) -> torch.Tensor:
-    return rearrange(tokens, "b (h w) c -> b h w c", h=layout.h, w=layout.w)
+    """Tokens `[B, h*w, C]` (a slice of a longer sequence) as a grid `[B, h, w, C]`: a view, so that writing into
+    the grid writes into the tokens (`.view` refuses where a copy would be needed)."""
+    return tokens.view(tokens.shape[0], layout.h, layout.w, tokens.shape[2])
 
 
 class SpatialIO:
@@ -51,11 +52,7 @@ class SpatialIO:
     @staticmethod
     def grids(saved, args, kwargs, output, layout):
         x_in = args[0] if args else kwargs["x"]
-        return rearrange(x_in, "b c h w -> b h w c"), rearrange(output, "b c h w -> b h w c")
-
-    @staticmethod
-    def write(output, delta, layout):
-        return output + rearrange(delta, "b h w c -> b c h w").to(output.dtype)
+        return x_in.permute(0, 2, 3, 1), output.permute(0, 2, 3, 1)
 
 
 class DoubleIO:
@@ -68,13 +65,6 @@ class DoubleIO:
     @staticmethod
     def grids(saved, args, kwargs, output, layout):
         return _grid(saved, layout), _grid(output[0][:, : layout.h * layout.w], layout)
-
-    @staticmethod
-    def write(output, delta, layout):
-        img, txt = output[0], output[1]
-        n = layout.h * layout.w
-        edited = img[:, :n] + rearrange(delta, "b h w c -> b (h w) c").to(img.dtype)
-        return (torch.cat([edited, img[:, n:]], dim=1), txt, *output[2:])
 
 
 class SingleIO:
@@ -92,12 +82,6 @@ class SingleIO:
     @classmethod
     def grids(cls, saved, args, kwargs, output, layout):
         return _grid(saved, layout), _grid(output[:, cls._span(layout)], layout)
-
-    @classmethod
-    def write(cls, output, delta, layout):
-        span = cls._span(layout)
-        edited = output[:, span] + rearrange(delta, "b h w c -> b (h w) c").to(output.dtype)
-        return torch.cat([output[:, : span.start], edited, output[:, span.stop:]], dim=1)
 
 
 IO_BY_KIND = {"spatial": SpatialIO, "double": DoubleIO, "single": SingleIO}

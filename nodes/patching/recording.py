@@ -1,6 +1,7 @@
-"""Edits that record what a block does during sampling, without changing it: the probe's SAE codes (and
-the dump's rows, `dump.py`). Both keep the latest sampling run only, and both record chosen steps of
-chosen rows: that part is here, once."""
+"""Edits that record what a block does during sampling, without changing it: the probe's SAE codes and the
+dump's rows (the dump's session is in `nodes/dump.py`). Both keep the latest sampling run only, and both
+record chosen steps of chosen rows: that part is here, once. What they record stays on the sampling device
+while the model samples; it moves to the host once, when a node reads it."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import math
 import threading
 import uuid
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .patch import CallInfo, Edit
-from .sae_handle import SAEHandle
+from ..sae_handle import SAEHandle
+from .call import BlockView, CallInfo, Edit, runs
 
 
 # One id per sampling run, for every record of it (the probes of several blocks): ComfyUI makes one schedule
@@ -70,6 +71,22 @@ class RecordingEdit(Edit):
         if steps is not None and info.step not in steps:
             return []
         return info.rows(self.target)
+
+    def apply_view(self, view: BlockView, info: CallInfo) -> bool:
+        rows = self.rows_to_record(info)
+        if rows:
+            self.record_rows(view, info, rows, _select(view.update(), rows))
+        return False
+
+    def record_rows(self, view: BlockView, info: CallInfo, rows: list[int], update: torch.Tensor) -> None:
+        """Record the update `[len(rows), h, w, C]` of `rows`."""
+        raise NotImplementedError
+
+
+def _select(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """`t[rows]` through slices of consecutive rows (no index tensor to copy to the device)."""
+    pieces = [t[r] for r in runs(rows)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 ROW_VIEWS = ["cond", "uncond", "cfg combined"]
@@ -158,7 +175,12 @@ class ProbeRecorder(RunRecord):
             self.records[info.step] = rec
 
     def get(self, step: int = -1) -> StepRecord:
-        """The record of `step` (negative counts from the last recorded step)."""
+        """The record of `step` (negative counts from the last recorded step), on the host: the codes move there
+        from the sampling device when first read."""
+        with self._lock:
+            for key, rec in self.records.items():
+                if rec.values.device.type != "cpu" or rec.values.dtype != torch.float32:
+                    self.records[key] = replace(rec, values=rec.values.float().cpu(), indices=rec.indices.cpu())
         if not self.records:
             raise ValueError(
                 f"SAE probe on {self.block_name}: nothing was recorded. Connect the probed MODEL to the sampler "
@@ -176,19 +198,28 @@ class ProbeRecorder(RunRecord):
 
 @dataclass(frozen=True, eq=False)
 class ProbeEdit(RecordingEdit):
-    """Encodes the update of its rows with the SAE and hands the codes to its ProbeRecorder."""
+    """Encodes the update of its rows with the SAE and hands the codes (on the device) to its ProbeRecorder."""
 
     handle: SAEHandle = None
 
     def sae_handles(self):
         return (self.handle,)
 
-    def apply(self, update, info):
-        rows = self.rows_to_record(info)
-        if not rows:
-            return None
+    def record_rows(self, view, info, rows, update):
         sae = self.handle.sae
         with torch.no_grad():
-            values, indices = sae.encode_sparse(update[rows].to(sae.device, sae.dtype))
-        self.record.add(info, rows, values.float().cpu(), indices.cpu())
-        return None
+            values, indices = sae.encode_sparse(update.to(sae.device, sae.dtype))
+        self.record.add(info, rows, values, indices)
+
+
+@dataclass(frozen=True, eq=False)
+class DumpEdit(RecordingEdit):
+    """Hands the block's update (and optionally its input and output) of the selected rows to the dump's
+    session (`record.add(block, info, rows, tensors)`)."""
+
+    def record_rows(self, view, info, rows, update):
+        tensors = {"update": update}
+        if "input" in self.record.fields:
+            x = _select(view.x_in, rows).to(update.dtype)
+            tensors["input"], tensors["output"] = x, x + update
+        self.record.add(self.block, info, rows, tensors)
