@@ -8,6 +8,11 @@ The session holds the shard writer, so rows accumulate across queued prompts int
 size. The session lives in ComfyUI's node cache: as long as the dump node's inputs do not change, every
 queued prompt reuses it. Rows are committed to disk when a shard is full, and (by default) whenever the
 queue runs empty, and at exit; rows of an interrupted run are dropped, never half-written.
+
+While the model samples, the rows stay on the sampling device; SAE Dump Images brings them to the host and
+hands the PNGs and shards to the session's writer thread, so the next queued prompt samples while they are
+written. When nothing else is queued (or with 'after every prompt') it waits for the writes, so a finished
+queue leaves a finished dump.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import io as _io
 import logging
 import os
 import shutil
+import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,6 +106,7 @@ class DumpSession(RunRecord):
     writer_id: str | None = None
     _run: dict = field(default_factory=dict)
     _writer: shards.ShardWriter | None = None
+    _background: "BackgroundWriter | None" = None
 
     def _new_run(self) -> None:  # a new sampling run: forget an unfinished one
         self._run = {}
@@ -133,15 +141,68 @@ class DumpSession(RunRecord):
         if self._writer is None:
             self._writer = shards.ShardWriter(self.folder, writer_id=self.writer_id or None,
                                               rows_per_shard=self.rows_per_shard, dtype=self.dtype)
-            weakref.finalize(self, _flush_quietly, self._writer)  # also runs at interpreter exit
+            self._background = BackgroundWriter(self._writer)
+            weakref.finalize(self, self._background.close)  # also runs at interpreter exit
         return self._writer
 
+    def write(self, fn, *args) -> None:
+        """Run `fn(writer, *args)` on the session's writer thread (in order), so that the thread that samples
+        does not wait on the disk. A failure of an earlier write is raised here (or by `wait`)."""
+        self.writer
+        self._background.submit(fn, *args)
 
-def _flush_quietly(writer: shards.ShardWriter) -> None:
-    try:
-        writer.flush()
-    except Exception as e:  # at exit there is nobody to tell but the log
-        log.error("SAE dump: could not write the last rows of %s: %s", writer.folder, e)
+    def wait(self) -> None:
+        """Wait until every write handed to the writer thread is done; raise the first that failed."""
+        if self._writer is not None:
+            self._background.wait()
+
+    def flush(self) -> None:
+        """Write every buffered row now (a partial shard), after the writes in progress."""
+        self.write(lambda writer: writer.flush())
+        self.wait()
+
+
+class BackgroundWriter:
+    """One thread that writes a dump session's images and shards, in the order they were handed over. Every file
+    is still written atomically (`sae_models.files`); a write that fails keeps its rows buffered in the
+    ShardWriter, and the failure is raised to the next caller."""
+
+    def __init__(self, writer: shards.ShardWriter):
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sae-dump-writer")
+        self._futures: list = []
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args) -> None:
+        self._raise_failures(wait=False)
+        with self._lock:
+            self._futures.append(self._pool.submit(fn, self.writer, *args))
+
+    def wait(self) -> None:
+        self._raise_failures(wait=True)
+
+    def _raise_failures(self, wait: bool) -> None:
+        with self._lock:
+            futures = list(self._futures)
+        if wait:
+            for f in futures:
+                f.exception()  # blocks until done
+        done = [f for f in futures if f.done()]
+        with self._lock:
+            self._futures = [f for f in self._futures if f not in done]
+        for f in done:
+            if f.exception() is not None:
+                raise f.exception()
+
+    def close(self) -> None:
+        """Finish the queued writes and write the buffered rows (at exit, or when the session goes away)."""
+        try:
+            self.wait()
+            self.writer.flush()
+        except Exception as e:  # at exit there is nobody to tell but the log
+            log.error("SAE dump: could not write the last rows of %s: %s", self.writer.folder, e)
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class DumpActivations(io.ComfyNode):
@@ -240,9 +301,19 @@ def _grid(run_block: list) -> tuple[int, int]:
     return H, W
 
 
-def _save_png(folder: str, image: torch.Tensor) -> str:
-    """Write one IMAGE `[H, W, 3]` as PNG named by its content; returns the path relative to the dump."""
-    arr = (image.clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+def _png_pixels(image: torch.Tensor) -> np.ndarray:
+    """One IMAGE `[H, W, 3]` as 8-bit pixels."""
+    return (image.clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+
+
+def _write_images(writer: shards.ShardWriter, folder: str, base: dict, pixels: list, per_image: list) -> None:
+    """On the writer thread: each image's PNG, then its rows and record."""
+    for i, (arr, rows) in enumerate(zip(pixels, per_image)):
+        writer.add_image({**base, "batch_index": i, "file": _save_png(folder, arr)}, rows)
+
+
+def _save_png(folder: str, arr: np.ndarray) -> str:
+    """Write 8-bit pixels `[H, W, 3]` as PNG named by its content; returns the path relative to the dump."""
     buf = _io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     data = buf.getvalue()
@@ -310,23 +381,20 @@ class DumpImages(io.ComfyNode):
         if max(recorded) + 1 != n_images:
             raise NodeInputError(SAVE, f"the run recorded {max(recorded) + 1} images per batch but {n_images} "
                                        "images came in; connect the images decoded from the dumped run")
-        writer = dump.writer
+        steps = sorted({-1 if c["step"] is None else c["step"] for cs in run.values() for c in cs})
+        pixels = [_png_pixels(images[i]) for i in range(n_images)]
+        per_image = [{b: _rows_of_image(chunks, i, int(seed)) for b, chunks in run.items()} for i in range(n_images)]
+        base = {"prompt": prompt, "seed": int(seed), "width": int(images.shape[2]), "height": int(images.shape[1]),
+                "steps": steps}
+        now = commit == FLUSH[1] or (commit == FLUSH[0] and _queue_empty())
         try:
-            for i in range(n_images):
-                rows = {b: _rows_of_image(chunks, i, int(seed)) for b, chunks in run.items()}
-                record = {
-                    "prompt": prompt, "seed": int(seed), "batch_index": i,
-                    "file": _save_png(dump.folder, images[i]),
-                    "width": int(images.shape[2]), "height": int(images.shape[1]),
-                    "steps": sorted({-1 if c["step"] is None else c["step"] for cs in run.values() for c in cs}),
-                }
-                writer.add_image(record, rows)
-            if commit == FLUSH[1] or (commit == FLUSH[0] and _queue_empty()):
-                writer.flush()
+            dump.write(_write_images, dump.folder, base, pixels, per_image)
+            if now:  # asked for, or nothing else is queued: nothing waits on this
+                dump.flush()
         except OSError as e:
-            raise NodeInputError(SAVE, f"writing to {dump.folder} failed: {e}. Completed shards are kept; "
+            raise NodeInputError(SAVE, f"writing to the dump folder failed: {e}. Completed shards are kept; "
                                        "rows not yet written stay in memory for the next attempt") from None
-        n_rows = sum(r["update"].shape[0] for r in rows.values())
+        n_rows = sum(r["update"].shape[0] for r in per_image[-1].values())
         text = (f"{n_images} image(s), {n_rows} rows each over {len(run)} block(s) -> {dump.folder}; "
-                f"{writer.pending_rows} rows waiting for a full shard")
+                + (f"{dump.writer.pending_rows} rows waiting for a full shard" if now else "written in the background"))
         return io.NodeOutput(ui={"text": [text]})

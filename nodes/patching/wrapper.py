@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from comfy.patcher_extension import WrappersMP
+from comfy.samplers import KSAMPLER
 from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
 
 from .block_io import IO_BY_KIND, Layout
@@ -113,7 +114,9 @@ def sampling_run(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper, around one sampling run of a patched MODEL:
 
     - gives the run a StepClock (its schedule read to the host once, before sampling; ComfyUI's samplers hand
-      it over on the CPU) and advances it from the sampler's step callback;
+      it over on the CPU) and advances it from the sampler's step callback (ComfyUI's KSAMPLER, which every
+      built-in sampler is, reports every step; with another sampler the step is found per call, as without a
+      sampler);
     - runs the diffusion model uncompiled: a graph compiled by TorchCompileModel is reused for calls whose
       `transformer_options` differ (its guard filter drops them), so it would run without the pack's wrapper
       and drop every edit without a word. One log line says so.
@@ -126,6 +129,8 @@ def sampling_run(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     transformer_options = options.setdefault("transformer_options", {})
     _uncompiled(transformer_options)
+    if not isinstance(bound.get("sampler", kwargs.get("sampler")), KSAMPLER):
+        return executor(*args, **kwargs)  # a sampler that may not report its steps: the step is read per call
     clock = StepClock(sigmas.detach().float().cpu().tolist(), sigmas)
 
     def on_step(step, *rest):

@@ -113,10 +113,11 @@ def test_rows_accumulate_across_prompts_into_fixed_size_shards(pk, tiny, model, 
     for i in range(20):
         sample(tiny, m, prompt=f"prompt {i}", seed=i)
         save_images(pk, fake_images(1), dump, prompt=f"prompt {i}", seed=i, commit=FULL)
+    dump.wait()  # the writer thread has written every full shard
     shards = sorted((dump_dir / "mid.0").glob("*.safetensors"))
     assert len(shards) == 1 and read_shards(dump_dir, "mid.0")["update"].shape[0] == 256
     assert len(records(dump_dir)) == 16  # only images whose rows are all on disk count as done
-    dump.writer.flush()
+    dump.flush()
     assert read_shards(dump_dir, "mid.0")["update"].shape[0] == 320 and len(records(dump_dir)) == 20
     assert sorted(r["seed"] for r in records(dump_dir)) == list(range(20))
 
@@ -225,7 +226,7 @@ def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, output_dir, monkey
     for i in range(40):
         sample(tiny, m, prompt=f"prompt number {i}", seed=i)
         save_images(pk, fake_images(1), dump, prompt=f"prompt number {i}", seed=i, commit=FULL)
-    dump.writer.flush()
+    dump.flush()
     train = pk.N["UnboxTrainSAE"]
     with torch.inference_mode():  # as ComfyUI runs every node
         out = train.execute("dump", "the dump's only block", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "trained",
@@ -294,3 +295,40 @@ def test_values_beyond_float16_are_refused_not_written_as_inf(pk, tiny, model, d
     sample(tiny, m)
     save_images(pk, fake_images(1), dump)
     assert torch.isfinite(read_shards(dump_dir / "wide", "mid.0")["update"]).all()
+
+
+def test_images_and_shards_are_written_by_the_sessions_writer_thread(pk, tiny, model, dump_dir, monkeypatch):
+    """With more prompts queued (here: commit only full shards), SAE Dump Images hands the writing to the
+    session's thread and returns; the writes happen there, in order, and `wait` (or the next flush) finishes
+    them. A failed write is raised to the next caller, naming what failed."""
+    import threading
+
+    m, dump = dump_node(pk, model, dump_dir, rows=256)  # 16 rows per image
+    gate, writers = threading.Event(), set()
+    real = pk.sm.shards.ShardWriter.add_image
+
+    def slow_add_image(self, record, rows):
+        writers.add(threading.current_thread().name)
+        gate.wait(30)
+        return real(self, record, rows)
+
+    monkeypatch.setattr(pk.sm.shards.ShardWriter, "add_image", slow_add_image)
+    for i in range(16):
+        sample(tiny, m, prompt=f"p{i}", seed=i)
+        save_images(pk, fake_images(1), dump, prompt=f"p{i}", seed=i, commit=FULL)  # returns: the writer waits
+    assert not list(dump_dir.rglob("*.safetensors")) and not records(dump_dir)
+    gate.set()
+    dump.wait()
+    assert writers == {n for n in writers if n.startswith("sae-dump-writer")} and len(writers) == 1
+    assert read_shards(dump_dir, "mid.0")["update"].shape[0] == 256
+    assert [r["prompt"] for r in records(dump_dir)] == [f"p{i}" for i in range(16)]  # in order
+
+    def no_space(self, record, rows):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pk.sm.shards.ShardWriter, "add_image", no_space)
+    sample(tiny, m, prompt="late", seed=99)
+    save_images(pk, fake_images(1), dump, prompt="late", seed=99, commit=FULL)
+    sample(tiny, m, prompt="later", seed=100)
+    with pytest.raises(ValueError, match="^SAE Dump Images: writing to the dump folder failed: .*No space left"):
+        save_images(pk, fake_images(1), dump, prompt="later", seed=100, commit=EVERY)  # waits for the writes

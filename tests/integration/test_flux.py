@@ -239,7 +239,7 @@ def test_dump_train_load_and_steer_on_flux(pk, flux, fmodel, tmp_path, output_di
     for i in range(12):
         fsample(flux, m, prompt=f"prompt number {i}", seed=i)
         save_images(pk, fake_images(1), dump, prompt=f"prompt number {i}", seed=i, commit=FULL)
-    dump.writer.flush()
+    dump.flush()
     with torch.inference_mode():
         out = pk.N["UnboxTrainSAE"].execute("fd", "the dump's only block", 256, 8, "topk", 0, 128, 1e-3, 0.1, 0,
                                             "flux_trained", False)
