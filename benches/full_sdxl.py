@@ -31,15 +31,16 @@ def run_args(description: str, size: int = 512) -> argparse.Namespace:
     return ap.parse_args()
 
 
-def import_comfyui():
-    """Put ComfyUI's checkout on sys.path (CPU mode) and return ComfyUI's `nodes` module."""
+def import_comfyui(cpu: bool = True):
+    """Put ComfyUI's checkout on sys.path (in CPU mode unless `cpu` is False) and return ComfyUI's `nodes`
+    module."""
     comfy_path, reason = find_comfyui()
     if comfy_path is None:
         sys.exit(f"ComfyUI not found: {reason}")
     sys.path.insert(0, str(comfy_path))
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     import nodes as comfy_nodes
 
     return comfy_nodes

@@ -196,3 +196,27 @@ def test_the_non_finite_check_still_names_the_node_and_block(pk, tiny, model):
     with pytest.raises(pk.patch.NonFiniteEdit, match=r"^SAE Steer Features: the edit of block mid.0 \(middle_block.1\) "
                                                     r"made the block's output non-finite"):
         sdxl_run(tiny, m)()
+
+
+def test_the_gpu_bench_runs_and_its_profile_agrees(comfyui_path):
+    """benches/bench_gpu.py with --smoke (tiny models on the CPU): the script runs end to end, and torch.profiler
+    sees what the counts above see: the patched configurations read from the device (aten::_local_scalar_dense)
+    at most once per step more than the plain model."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "benches" / "bench_gpu.py"), "--smoke", "--reps", "1",
+                        "--groups", "sdxl1,flux"], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "COMFYUI_PATH": str(comfyui_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = re.findall(r"^(\S.*?)\s+\|\s+[\d.]+ ms \|\s+([\d.]+) \| (\d+), (\d+), (\d+), (\d+)$", r.stdout, re.M)
+    names = [name for name, *_ in rows]
+    assert names == ["plain", "probe x4", "add x4", "ablate x4", "dump x4", "plain", "probe x1", "add x1",
+                     "ablate x1"], r.stdout
+    for group in (rows[:5], rows[5:]):
+        plain_items = int(group[0][3])
+        for name, _, _, items, _, _ in group[1:]:
+            assert int(items) <= plain_items + 1, (name, items, plain_items)  # 1 step: at most one more read
