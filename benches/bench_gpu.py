@@ -57,27 +57,17 @@ class Bench:
 
     # -- models --------------------------------------------------------------------------------------------
     def sdxl(self):
-        torch = self.torch
-        import comfy.model_management
-        import comfy.model_patcher
+        """The SDXL UNet in float16 (or the tiny test model) and the width of the paper's blocks."""
         import comfy.supported_models
 
         if self.args.smoke:
             import tiny_sdxl
 
             return tiny_sdxl.tiny_model(seed=0), 128
-        config = comfy.supported_models.SDXL(dict(SDXL_UNET))
-        config.set_inference_dtype(torch.float16, None)
-        model = config.get_model({}, device=self.device)
-        _random_weights(model.diffusion_model, torch)
-        mp = comfy.model_patcher.ModelPatcher(model, load_device=self.device,
-                                              offload_device=comfy.model_management.unet_offload_device())
-        return mp, 1280
+        return self.full_size(comfy.supported_models.SDXL(dict(SDXL_UNET)), self.torch.float16), 1280
 
     def flux(self):
-        torch = self.torch
-        import comfy.model_management
-        import comfy.model_patcher
+        """FLUX.1 (12 B) in bfloat16 (or the tiny test model) and its hidden width."""
         import comfy.supported_models
         import tiny_flux
 
@@ -85,12 +75,18 @@ class Bench:
             return tiny_flux.tiny_flux_model(seed=0), 64
         config = comfy.supported_models.FluxSchnell(tiny_flux.unet_config(
             False, hidden=3072, heads=24, axes=(16, 56, 56), depth=19, depth_single=38, context=4096, vec=768))
-        config.set_inference_dtype(torch.bfloat16, None)
+        return self.full_size(config, self.torch.bfloat16), 3072
+
+    def full_size(self, config, dtype):
+        """A ModelPatcher on the GPU around `config`'s model, in `dtype`, with random weights."""
+        import comfy.model_management
+        import comfy.model_patcher
+
+        config.set_inference_dtype(dtype, None)
         model = config.get_model({}, device=self.device)
-        _random_weights(model.diffusion_model, torch)
-        mp = comfy.model_patcher.ModelPatcher(model, load_device=self.device,
-                                              offload_device=comfy.model_management.unet_offload_device())
-        return mp, 3072
+        _random_weights(model.diffusion_model, self.torch)
+        return comfy.model_patcher.ModelPatcher(model, load_device=self.device,
+                                                offload_device=comfy.model_management.unet_offload_device())
 
     def sae(self, block: str, d: int, n: int, k: int, seed: int):
         torch = self.torch
