@@ -167,6 +167,16 @@ class BlockView:
         self.out[rows].addcmul_(weights, vector, value=value)
         self._update = None
 
+    def set_(self, rows: slice, base: torch.Tensor, vector: torch.Tensor) -> None:
+        """Set the output to `base + vector` (the block's input plus a new update), in one operation."""
+        torch.add(base, vector, out=self.out[rows])
+        self._update = None
+
+    def lerp_(self, rows: slice, target: torch.Tensor, weights: torch.Tensor) -> None:
+        """Move the output towards `target` by `weights` (`[n, h, w, 1]`), in one operation."""
+        self.out[rows].lerp_(target, weights)
+        self._update = None
+
 
 @dataclass(frozen=True, eq=False)
 class Edit:

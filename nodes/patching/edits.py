@@ -2,8 +2,8 @@
 
 Each writes into the block's output in place (`BlockView`), with what it needs made once per device, dtype and
 grid and kept on the edit: the feature directions and amounts (for `add`, their sum `[C]`), and the mask's
-weights on the block's grid. `add` is one fused operation per block and needs no encoding; `ablate`, `set`,
-`replace` and reconstruct read the update of their rows once and write once."""
+weights on the block's grid. `add` and `replace` are one fused operation per block and need no encoding;
+`ablate`, `set` and reconstruct read the update of their rows once and write once."""
 
 from __future__ import annotations
 
@@ -108,17 +108,22 @@ class SteerEdit(SAEEdit):
         return self._cached(("tensors", device, dtype), make)
 
     def write(self, view, rows, images, sign):
-        if self.mode != "add":
+        if self.mode not in ("add", "replace"):
             return super().write(view, rows, images, sign)
         out = view.out
         _, h, w, _ = out.shape
-        vector = self._cached(("add", out.device, out.dtype), lambda: steering.add_vector(
-            self._tensors(out.device, torch.float32)[1], self._tensors(out.device, torch.float32)[2]).to(out.dtype))
+        vector = self._cached(("vector", out.device, out.dtype), lambda: steering.add_vector(
+            *self._tensors(out.device, torch.float32)[1:]).to(out.dtype))  # sum_f a_f d_f, [C]
         weights = self.weights(images, h, w, out.device, out.dtype)
-        if weights is None:
-            view.add_(rows, vector, alpha=sign)
-        else:
-            view.addcmul_(rows, weights, vector, value=sign)
+        if self.mode == "add":  # the paper's paint: out += w * vector
+            if weights is None:
+                view.add_(rows, vector, alpha=sign)
+            else:
+                view.addcmul_(rows, weights, vector, value=sign)
+        elif weights is None:  # the paper's icon: the block returns its input plus the vector
+            view.set_(rows, view.x_in[rows], vector)
+        else:  # ... where painted: out moves to x_in + vector by w
+            view.lerp_(rows, view.x_in[rows] + vector, weights)
 
     def delta(self, u, w):
         feats, amounts, directions = self._tensors(u.device, u.dtype)

@@ -1,10 +1,11 @@
 """A compiled MODEL (ComfyUI's TorchCompileModel) with the pack's edits: every edit takes effect.
 
-TorchCompileModel compiles the diffusion model with a guard filter that ignores `transformer_options` (where
-the pack's wrapper and its per-run step clock live), and a CUDA-graph backend replays captured kernels without
-running Python hooks; either can run a patched MODEL without its edits. The pack samples a patched MODEL
-uncompiled (one log line), and these tests check the result is exactly the eager one. They compile with Dynamo's `eager` backend (the same tracing and guards as `inductor`, without generating C++
-on this machine) through ComfyUI's own `set_torch_compile_wrapper`, with TorchCompileModel's guard filter.
+TorchCompileModel (v0.8.0) compiles the diffusion model with a guard filter that ignores `transformer_options`
+(where the pack's wrapper and its per-run step clock live), and a CUDA-graph backend replays captured kernels
+without running Python hooks; either can run a patched MODEL without its edits. The pack samples a patched
+MODEL uncompiled (one log line), and these tests check the result is exactly the eager one. They compile with
+Dynamo's `eager` backend (the same tracing and guards as `inductor`, without generating C++ on this machine)
+through ComfyUI's own `set_torch_compile_wrapper`, as TorchCompileModel does.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from test_patching import make_sae, sample, steer
 
 
 def compiled(model):
+    """As TorchCompileModel compiles (with its guard filter where the ComfyUI version has one), with Dynamo's
+    eager backend."""
+    import comfy_extras.nodes_torch_compile as node
     from comfy_api.torch_helpers import set_torch_compile_wrapper
-    from comfy_extras.nodes_torch_compile import skip_torch_compile_dict
 
     m = model.clone()
-    set_torch_compile_wrapper(model=m, backend="eager", options={"guard_filter_fn": skip_torch_compile_dict})
+    guard_filter = getattr(node, "skip_torch_compile_dict", None)  # v0.8.0; v0.3.64 has none
+    set_torch_compile_wrapper(model=m, backend="eager",
+                              options={"guard_filter_fn": guard_filter} if guard_filter else None)
     return m
 
 

@@ -126,8 +126,8 @@ def reconstructed(pk, model, h, mask=None):
 
 # (name, how to patch the MODEL, the most ATen operations one hooked block call may add; measured on the tiny
 # SDXL model: add 2 = the write (add_, or addcmul_ with a mask) and the finite check (one vector_norm); the
-# paper's paint on base 3 (one write per sign); replace 8 (the update, the icon vector, the weighted difference,
-# the write, the check); encoding edits (ablate, set, reconstruct, probe) the update (sub), the encoder (linear,
+# paper's paint on base 3 (one write per sign); replace 2 (the input plus the icon vector written into the
+# output, the check); encoding edits (ablate, set, reconstruct, probe) the update (sub), the encoder (linear,
 # topk, relu, ...), their few products and one write; dump 6 (the update and the copies it keeps))
 CASES = [
     ("probe", lambda pk, m, h: probed(pk, m, h), 9),
@@ -137,7 +137,8 @@ CASES = [
     ("add, steps 1-", lambda pk, m, h: steered(pk, m, h, "add", target="both", start=0.5), 2),
     ("ablate", lambda pk, m, h: steered(pk, m, h, "ablate", strength=1.0), 15),
     ("set, mask", lambda pk, m, h: steered(pk, m, h, "set", mask=painted_mask()), 15),
-    ("replace", lambda pk, m, h: steered(pk, m, h, "replace", target="both"), 8),
+    ("replace", lambda pk, m, h: steered(pk, m, h, "replace", target="both"), 2),
+    ("replace, mask", lambda pk, m, h: steered(pk, m, h, "replace", mask=painted_mask()), 3),
     ("reconstruct", lambda pk, m, h: reconstructed(pk, m, h), 14),
     ("dump", lambda pk, m, h: dumped(pk, m, h.sae.config.block), 6),
 ]
