@@ -19,7 +19,12 @@ TARGET_CHOICES = ["cond", "uncond", "both"]
 # The paper's painting on SDXL base (its `add_feature_on_area_base_both`): add to the cond rows, subtract from
 # the uncond rows, so that CFG amplifies the feature.
 PAINT_BOTH = "cond +, uncond -"
-STEER_TARGETS = [*TARGET_CHOICES, PAINT_BOTH]
+# The paper's feature icon on SDXL base (its `replace_with_feature_base`): the cond rows' update replaced by the
+# feature, the uncond rows' update set to zero (the block returns its input there).
+ICON_BASE = "cond, uncond zeroed"
+STEER_TARGETS = [*TARGET_CHOICES, PAINT_BOTH, ICON_BASE]
+# apply_to choices that go with one steering mode only
+TARGET_MODE = {PAINT_BOTH: "add", ICON_BASE: "replace"}
 
 SAE = io.Custom("SAE")
 SAE_PROBE = io.Custom("SAE_PROBE")

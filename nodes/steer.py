@@ -8,8 +8,8 @@ from ..sae_models.steering import MODES
 from .errors import NodeInputError
 from .inputs import check_mask, parse_features, sigma_range
 from .models import resolve_block
-from .schema import (AUTO, BLOCK_CHOICES, CATEGORY, PAINT_BOTH, SAE, STEER_TARGETS, TARGET_CHOICES,
-                     checked_numbers)
+from .schema import (AUTO, BLOCK_CHOICES, CATEGORY, ICON_BASE, PAINT_BOTH, SAE, STEER_TARGETS, TARGET_CHOICES,
+                     TARGET_MODE, checked_numbers)
 from .patching import ReconstructEdit, SteerEdit, attach_edit
 
 STEER = "SAE Steer Features"
@@ -28,7 +28,9 @@ def _range_inputs(targets=TARGET_CHOICES):
         io.Combo.Input("apply_to", options=targets, default="cond",
                        tooltip="Edit the positive (cond) rows, the negative (uncond) rows of CFG, or both"
                        + (f"; '{PAINT_BOTH}': add to cond and subtract from uncond (the paper's paint on SDXL "
-                          "base, mode add)." if PAINT_BOTH in targets else ".")),
+                          f"base, mode add); '{ICON_BASE}': replace on cond, and the uncond rows' update set to "
+                          "zero (the paper's feature icon on SDXL base, mode replace)." if PAINT_BOTH in targets
+                          else ".")),
         io.Mask.Input("mask", optional=True,
                       tooltip="Where to edit. Any size: it is averaged over the block's grid "
                               "(16x16 for the paper's blocks at 512x512)."),
@@ -71,9 +73,10 @@ class SteerFeatures(io.ComfyNode):
         blk = resolve_block(STEER, sae, block, model)
         feats, strengths = parse_features(STEER, features, sae.sae.n_features, strength)
         mask = check_mask(STEER, mask)
-        if apply_to == PAINT_BOTH and mode != "add":
-            raise NodeInputError(STEER, f"apply_to '{PAINT_BOTH}' (the paper's paint on SDXL base) goes with mode "
-                                        f"add, not {mode}")
+        if TARGET_MODE.get(apply_to, mode) != mode:
+            paper = "paint" if apply_to == PAINT_BOTH else "feature icon"
+            raise NodeInputError(STEER, f"apply_to '{apply_to}' (the paper's {paper} on SDXL base) goes with mode "
+                                        f"{TARGET_MODE[apply_to]}, not {mode}")
         if mode == "ablate":
             amounts = strengths  # the fraction of each feature's contribution to remove
         elif units == UNITS[0]:

@@ -200,11 +200,14 @@ def feature_icon() -> dict:
     g = Graph()
     ckpt, pos, neg, latent = base(g, "")
     sae = g.add("UnboxLoadSAE", [PAPER_SAES["down.2.1"]], (0, 600), title="SAE down.2.1")
-    steer = g.add("UnboxSteerFeatures", ["0", 10.0, "replace", AUTO, "mean activation", 0.0, 1.0, "cond"],
+    # 'cond, uncond zeroed': the paper's icon also on SDXL base with CFG (at cfg 1 there are no uncond rows)
+    steer = g.add("UnboxSteerFeatures", ["0", 10.0, "replace", AUTO, "mean activation", 0.0, 1.0,
+                                         "cond, uncond zeroed"],
                   (380, 600), title="Feature turned on (replace, k x mean)", model=(ckpt, 0), sae=(sae, 0))
     sample(g, (steer, 0), pos, neg, latent, (ckpt, 2), "sae_feature_icon/feature", 800)
     return g.to_json("Feature icon", "The paper's visualisation of one feature: empty prompt, one step, the block's "
-                     "update replaced by k x mean x the feature's direction. Change the feature index to browse.")
+                     "update replaced by k x mean x the feature's direction (with CFG, as on SDXL base, the "
+                     "negative rows' update set to zero, as the paper does). Change the feature index to browse.")
 
 
 def reconstruct() -> dict:

@@ -42,6 +42,10 @@ def _grid(tokens: torch.Tensor, layout: Layout) -> torch.Tensor:
     return tokens.view(tokens.shape[0], layout.h, layout.w, tokens.shape[2])
 
 
+def _grid_or_none(saved: torch.Tensor | None, layout: Layout) -> torch.Tensor | None:
+    return None if saved is None else _grid(saved, layout)
+
+
 class SpatialIO:
     needs_copy = False
 
@@ -64,7 +68,7 @@ class DoubleIO:
 
     @staticmethod
     def grids(saved, args, kwargs, output, layout):
-        return _grid(saved, layout), _grid(output[0][:, : layout.h * layout.w], layout)
+        return _grid_or_none(saved, layout), _grid(output[0][:, : layout.h * layout.w], layout)
 
 
 class SingleIO:
@@ -81,7 +85,7 @@ class SingleIO:
 
     @classmethod
     def grids(cls, saved, args, kwargs, output, layout):
-        return _grid(saved, layout), _grid(output[:, cls._span(layout)], layout)
+        return _grid_or_none(saved, layout), _grid(output[:, cls._span(layout)], layout)
 
 
 IO_BY_KIND = {"spatial": SpatialIO, "double": DoubleIO, "single": SingleIO}

@@ -147,12 +147,14 @@ class BlockView:
     keep their exact values). `update()` is the output minus the input, in float32 for half-precision models,
     computed when first asked for and again after a write."""
 
-    def __init__(self, x_in: torch.Tensor, out: torch.Tensor):
+    def __init__(self, x_in: torch.Tensor | None, out: torch.Tensor):
         self.x_in, self.out = x_in, out
         self.work = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
         self._update: torch.Tensor | None = None
 
     def update(self) -> torch.Tensor:
+        if self.x_in is None:
+            raise RuntimeError("the block's input was not kept: an edit that reads it must say so (reads_input)")
         if self._update is None:
             self._update = self.out.to(self.work) - self.x_in.to(self.work)
         return self._update
@@ -165,6 +167,11 @@ class BlockView:
     def addcmul_(self, rows: slice, weights: torch.Tensor, vector: torch.Tensor, value: float = 1.0) -> None:
         """Add `value * weights * vector` (`[n, h, w, 1]` times `[C]`) into the output, in one operation."""
         self.out[rows].addcmul_(weights, vector, value=value)
+        self._update = None
+
+    def copy_(self, rows: slice, source: torch.Tensor) -> None:
+        """Set the output to `source` (e.g. the block's input: an update of zero), in one operation."""
+        self.out[rows].copy_(source)
         self._update = None
 
     def set_(self, rows: slice, base: torch.Tensor, vector: torch.Tensor) -> None:
@@ -197,6 +204,11 @@ class Edit:
     # Edits that also read the block's input (e.g. dumps of inputs/outputs) set this; their `apply`
     # then gets `block_input=` the block's input `[B, H, W, C]` as a keyword.
     needs_block_input = False
+
+    def reads_input(self) -> bool:
+        """Whether the edit needs the block's input (to read the update, or to write relative to it). A block
+        whose edits need none is not copied before it runs (FLUX blocks overwrite their input)."""
+        return True
 
     def active(self, info: CallInfo) -> bool:
         """In the edit's range: from `sigma_start` (included) down to `sigma_end` (excluded), as the paper's

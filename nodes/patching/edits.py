@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ...sae_models import steering
 from ..sae_handle import SAEHandle
-from ..schema import PAINT_BOTH
+from ..schema import ICON_BASE, PAINT_BOTH
 from .call import BlockView, CallInfo, Edit
 
 
@@ -27,6 +27,12 @@ def mask_weights(mask: torch.Tensor | None, images: list[int], h: int, w: int, d
         return torch.ones(len(images), h, w, device=device)
     m = F.adaptive_avg_pool2d(mask.to(torch.float32).unsqueeze(1), (h, w))[:, 0].clamp(0, 1)
     return m[[i % m.shape[0] for i in images]].to(device)
+
+
+ZEROED = "zeroed"
+# The paper's two SDXL base targets, as (rows, how) parts: paint adds to cond and subtracts from uncond; the
+# feature icon replaces on cond and zeroes the uncond rows' update.
+_PARTS = {PAINT_BOTH: (("cond", 1.0), ("uncond", -1.0)), ICON_BASE: (("cond", 1.0), ("uncond", ZEROED))}
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,16 +68,26 @@ class SAEEdit(Edit):
                                                               .gt(0).any()))
 
     def apply_view(self, view: BlockView, info: CallInfo) -> bool:
-        signed = self.target == PAINT_BOTH  # the paper's paint on SDXL base: the uncond rows get the opposite sign
         wrote = False
-        for kind, sign in (((0, 1.0), (1, -1.0)) if signed else ((None, 1.0),)):
-            target = self.target if kind is None else ("cond", "uncond")[kind]
+        for target, how in _PARTS.get(self.target, ((self.target, 1.0),)):
             for rows in info.row_runs(target):
                 images = tuple(info.row_image[rows])
                 if self.painted(images):
-                    self.write(view, rows, images, sign)
+                    if how == ZEROED:
+                        self.zero(view, rows, images)
+                    else:
+                        self.write(view, rows, images, how)
                     wrote = True
         return wrote
+
+    def zero(self, view: BlockView, rows: slice, images: tuple[int, ...]) -> None:
+        """Set the rows' update to zero (where painted): the block returns its input."""
+        _, h, w, _ = view.out.shape
+        weights = self.weights(images, h, w, view.out.device, view.out.dtype)
+        if weights is None:
+            view.copy_(rows, view.x_in[rows])
+        else:
+            view.lerp_(rows, view.x_in[rows], weights)
 
     def write(self, view: BlockView, rows: slice, images: tuple[int, ...], sign: float) -> None:
         """Edit the rows `rows` (of images `images`) of the block's output."""
@@ -97,6 +113,9 @@ class SteerEdit(SAEEdit):
     def active(self, info: CallInfo) -> bool:
         # strength 0 everywhere changes nothing: leave the block alone (bit-identical)
         return super().active(info) and any(a != 0 for a in self.amounts)
+
+    def reads_input(self) -> bool:
+        return self.mode != "add"  # the paper's paint adds a vector: it needs neither the input nor the update
 
     def _tensors(self, device, dtype):
         """(feature indices, amounts, directions `[F, C]`) on `device`, made once."""

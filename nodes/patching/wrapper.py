@@ -65,7 +65,7 @@ class BlockPatch:
                     continue
                 module = model.get_submodule(path)
                 hook = _BlockHook(active, info, IO_BY_KIND[edits[0].block.kind], layout, flags)
-                if hook.io.needs_copy:
+                if hook.io.needs_copy and hook.reads_input:
                     handles.append(module.register_forward_pre_hook(hook.before, with_kwargs=True))
                 handles.append(module.register_forward_hook(hook.after, with_kwargs=True))
             out = executor(x, *args, **kwargs)
@@ -80,6 +80,7 @@ class BlockPatch:
 class _BlockHook:
     def __init__(self, edits, info: CallInfo, io, layout: Layout, flags: list | None):
         self.edits, self.info, self.io, self.layout, self.flags = edits, info, io, layout, flags
+        self.reads_input = any(e.reads_input() for e in edits)
         self.saved = None
 
     def before(self, module, args, kwargs):
@@ -88,7 +89,8 @@ class _BlockHook:
 
     def after(self, module, args, kwargs, output):
         saved, self.saved = self.saved, None
-        view = BlockView(*self.io.grids(saved, args, kwargs, output, self.layout))  # [B, h, w, C]
+        x_in, out = self.io.grids(saved, args, kwargs, output, self.layout)  # [B, h, w, C]
+        view = BlockView(x_in if self.reads_input else None, out)
         wrote = tuple(e for e in self.edits if e.apply_view(view, self.info))
         if wrote:  # the output's largest magnitude (inf or NaN if not finite), read once per step by the clock
             peak = torch.linalg.vector_norm(view.out, float("inf"))  # one reduction, no temporary

@@ -95,3 +95,36 @@ def test_a_step_range_edits_those_steps_while_sampling(pk, tiny, model):
         cap.close()
     edited = [bool((c["final"] != c["orig"]).any()) for c in cap.calls]
     assert edited == [False, True, True, False]
+
+
+ICON_BASE = "cond, uncond zeroed"
+
+
+def test_the_papers_base_icon_replaces_cond_and_zeroes_the_uncond_update(pk, tiny, model):
+    """The paper's `replace_with_feature_base` at cfg > 1: the cond rows' update becomes k x mean_f x d_f, the
+    uncond rows' update is zero (the block returns its input), at every position and step."""
+    h = make_sae(pk, "mid.0", seed=3)
+    k = h.sae.config.k
+    m = steer(pk, model, h, "5", float(k), mode="replace", target=ICON_BASE)
+    seen, hook = record_rows(model)
+    cap = Capture(model, "middle_block.1", "middle_block.2")
+    try:
+        sample(tiny, m, steps=2, cfg=7.5, prompt="")
+    finally:
+        cap.close()
+        hook.remove()
+    vector = k * float(h.mean[5]) * h.sae.W_dec[5]
+    assert len(cap.calls) == 2 and all(sorted(order) == [0, 1] for order in seen)
+    for call, order in zip(cap.calls, seen):
+        update = (call["final"] - call["x_in"]).permute(0, 2, 3, 1)  # what the next layer got, minus the input
+        for row, kind in enumerate(order):
+            if kind == 0:
+                assert torch.allclose(update[row], vector.expand_as(update[row]), atol=1e-5)
+            else:
+                assert torch.equal(call["final"][row], call["x_in"][row])  # exactly the block's input
+
+
+def test_the_base_icon_goes_with_replace_only(pk, model):
+    with pytest.raises(ValueError, match="apply_to 'cond, uncond zeroed' .*feature icon.* goes with mode replace, "
+                                         "not add"):
+        steer(pk, model, make_sae(pk), "1", 1.0, mode="add", target=ICON_BASE)
