@@ -96,14 +96,19 @@ def _match_images(node: str, n_rows: int, image: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def _feature_scale(probe: ProbeRecorder, feature: int, maps: torch.Tensor, how: str) -> torch.Tensor:
-    if how == "feature mean x 2" and probe.handle.mean is not None:
-        return torch.full((maps.shape[0],), 2.0 * float(probe.handle.mean[feature]))
-    return maps.flatten(1).amax(1)
+def _scaled(probe: ProbeRecorder, feature: int, maps: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps, scale) for the overlay, which colours maps / scale: per image `[0, max]`, `[0, 2 x mean_f]`, or
+    the paper's `(code - min) / (max - min)` (its heatmaps; differs from 'image max' only where the feature is
+    active everywhere)."""
+    if how == SCALES[1] and probe.handle.mean is not None:
+        return maps, torch.full((maps.shape[0],), 2.0 * float(probe.handle.mean[feature]))
+    if how == SCALES[2]:
+        maps = maps - maps.flatten(1).amin(1)[:, None, None]
+    return maps, maps.flatten(1).amax(1)
 
 
 BLOCK_PICK = [ANY_BLOCK, *BLOCK_CHOICES[1:]]
-SCALES = ["image max", "feature mean x 2"]
+SCALES = ["image max", "feature mean x 2", "paper (image min to max)"]
 
 
 class FeatureHeatmap(io.ComfyNode):
@@ -123,7 +128,8 @@ class FeatureHeatmap(io.ComfyNode):
                 io.Combo.Input("colormap", options=list(COLORMAPS), default="inferno"),
                 io.Float.Input("alpha", default=0.6, min=0.0, max=1.0, step=0.05),
                 io.Combo.Input("scale", options=SCALES, default=SCALES[0],
-                               tooltip="Map colours to [0, image max] or [0, 2 x the feature's mean activation]."),
+                               tooltip="Map colours to [0, image max], to [0, 2 x the feature's mean activation], "
+                               "or, as the paper's heatmaps, to [image min, image max]."),
                 *_view_inputs(),
             ],
             outputs=[io.Image.Output(display_name="overlay"), io.Mask.Output(display_name="heat")],
@@ -139,7 +145,7 @@ class FeatureHeatmap(io.ComfyNode):
             raise NodeInputError(HEATMAP, f"feature {feature} is out of range 0..{rec.handle.sae.n_features - 1}")
         maps = _view(HEATMAP, record, record.feature_map(feature), rows, cfg)
         image = _match_images(HEATMAP, maps.shape[0], image)
-        out, heat = overlay(image, maps, _feature_scale(rec, feature, maps, scale), colormap, alpha)
+        out, heat = overlay(image, *_scaled(rec, feature, maps, scale), colormap, alpha)
         run = keep_run(rec.handle, record, rec.run_id, rec.block_name, image, rows, cfg, [])
         shown = {"run": run, "block": rec.block_name, "sae": rec.handle.name, "feature": feature}
         return io.NodeOutput(out, heat, ui={**ui.PreviewImage(out, cls=cls).as_dict(), "sae_workbench": [shown]})

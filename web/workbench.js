@@ -192,7 +192,12 @@ async function selectBlock(name) {
 
 export async function selectFeature(feature) {
   const b = currentBlock();
-  if (!b || !Number.isInteger(feature)) return;
+  if (!b) return;
+  if (!Number.isInteger(feature) || feature < 0 || feature >= b.n_features) { // refused: nothing changes
+    setStatus(`feature ${$.featureId.value} is out of range: SAE ${b.sae} has features 0..${b.n_features - 1}`);
+    $.featureId.value = state.feature ?? "";
+    return;
+  }
   state.feature = feature;
   $.featureId.value = feature;
   for (const btn of $.ranking.children) btn.classList.toggle("sel", btn.dataset.testid === `sae-feature-${feature}`);
@@ -220,9 +225,9 @@ function drawHeat(heat) {
   c.height = h;
   const ctx = c.getContext("2d");
   const img = ctx.createImageData(w, h);
-  for (let i = 0; i < h * w; i++) {
+  for (let i = 0; i < h * w; i++) { // where the feature is off, the image shows through (as the paper's demo)
     const [r, g, b] = colorize(heat.max > 0 ? heat.values[i] / heat.max : 0);
-    img.data.set([r, g, b, 255], i * 4);
+    img.data.set([r, g, b, heat.values[i] > 0 ? 255 : 0], i * 4);
   }
   ctx.putImageData(img, 0, 0);
   c.style.opacity = $.alpha.value;
@@ -436,7 +441,7 @@ async function graphParts() {
     JSON.stringify(output[id].inputs.samples) === JSON.stringify([S, 0]));
   if (!output[S]?.inputs?.positive || !decode) throw new Error("the probed sampler has no positive prompt or no VAE Decode");
   return { b, output, workflow, S, P: String(output[S].inputs.positive[0]), D: decode, sae: [String(where.saeNode.id), 0],
-           model: output[String(where.probe.id)].inputs.model };
+           model: output[String(where.probe.id)].inputs.model, probed: [String(where.probe.id), 0] };
 }
 
 async function queue(kind, output, workflow, keep) {
@@ -447,11 +452,14 @@ async function queue(kind, output, workflow, keep) {
 
 export async function featureIcon() {
   try {
-    const { b, output, workflow, S, P, D, sae } = await graphParts();
+    const { b, output, workflow, S, P, D, sae, probed } = await graphParts();
     for (const key of ["text", "t5xxl", "clip_l"]) if (typeof output[P].inputs[key] === "string") output[P].inputs[key] = "";
-    output.sae_icon_steer = { class_type: STEER, inputs: { model: output[S].inputs.model, sae, features: String(state.feature),
+    // The paper's icon: the probed MODEL without the panel's steers, only this block's update replaced (on SDXL
+    // base, with CFG, the uncond rows' update set to zero, as its replace_with_feature_base; at cfg 1 there are
+    // no uncond rows).
+    output.sae_icon_steer = { class_type: STEER, inputs: { model: probed, sae, features: String(state.feature),
       strength: b.k || 10, mode: "replace", block: b.block, units: "mean activation", start_percent: 0, end_percent: 1,
-      apply_to: "cond" } };
+      apply_to: "cond, uncond zeroed" } };
     output[S].inputs.model = ["sae_icon_steer", 0];
     output.sae_icon_preview = { class_type: "PreviewImage", inputs: { images: [D, 0] } };
     await queue("icon", output, workflow, ["sae_icon_preview"]);

@@ -247,6 +247,31 @@ def test_heatmap_and_top_features_with_cfg_show_cond_by_default(pk, tiny, model)
     assert torch.equal(default, cond)
 
 
+def test_the_papers_heatmap_scale_is_min_to_max(pk, tiny, model):
+    """The paper colours (code - min) / (max - min) over the image: here for a feature active at every position
+    (where it differs from 'image max'), computed from the SAE's raw weights on the block's update."""
+    h = make_sae(pk, "mid.0", seed=5)
+    with torch.no_grad():
+        h.sae.b_enc[7] = 100.0  # feature 7 is in every position's top k, with varying values
+    probed, probes = pk.N["UnboxProbeBlock"].execute(model, h, AUTO, "all", "cond").args
+    cap = Capture(model, "middle_block.1", "middle_block.2")
+    try:
+        sample(tiny, probed)
+    finally:
+        cap.close()
+    u = (cap.calls[-1]["orig"] - cap.calls[-1]["x_in"]).permute(0, 2, 3, 1)[0]  # [4, 4, C]
+    fmap = dense_codes(h.sae, u)[..., 7]
+    assert fmap.min() > 0 and fmap.max() > fmap.min()
+    heat = pk.N["UnboxFeatureHeatmap"]
+    image = torch.rand(1, 128, 128, 3)
+    _, paper = heat.execute(probes, image, 7, "first probed block", -1, "gray", 1.0, "paper (image min to max)").args
+    expected = ((fmap - fmap.min()) / (fmap.max() - fmap.min())).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    assert torch.allclose(paper[0], expected, atol=1e-4)
+    _, image_max = heat.execute(probes, image, 7, "first probed block", -1, "gray", 1.0, "image max").args
+    assert torch.allclose(image_max[0], (fmap / fmap.max()).repeat_interleave(32, 0).repeat_interleave(32, 1),
+                          atol=1e-4)
+
+
 def test_views_that_the_probe_did_not_record_are_refused(pk, tiny, model):
     _, probes, _ = cfg_probe(pk, tiny, model, apply_to="cond")
     image = torch.rand(1, 128, 128, 3)

@@ -271,7 +271,17 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
             kth = pre.topk(sae.config.k, dim=-1).values[:, -1:]
             heat = torch.where(pre >= kth, pre, 0.0).clamp_min(0)[:, feature].reshape(16, 16)
         expected = np.stack([inferno(float(v)) for v in (heat / heat.max()).flatten()]).reshape(16, 16, 3)
-        assert np.abs(pixels[..., :3] - expected).max() <= 1.0 and (pixels[..., 3] == 255).all()
+        on = (heat > 0).numpy()
+        assert on.any() and not on.all()  # the feature is off somewhere: there the image shows through
+        assert (pixels[..., 3] == np.where(on, 255, 0)).all()
+        assert np.abs(pixels[on][:, :3] - expected[on]).max() <= 1.0
+
+        # -- an id the SAE does not have is refused in the panel, and the selection stays
+        b.page.get_by_test_id("sae-feature-id").fill("9999")
+        b.page.get_by_test_id("sae-show").click()
+        b.wait_for(b.page.get_by_test_id("sae-status").filter(has_text="feature 9999 is out of range"), "refusal")
+        assert b.page.get_by_test_id("sae-feature-id").input_value() == str(feature)
+        assert b.page.evaluate("() => document.querySelector('[data-testid=sae-overlay]').dataset.feature") == str(feature)
 
         # -- paint the top-left quarter with the feature, apply: a steer node wired to the painted mask
         before = image(server.url, runs(server.url)[0]["run"])
@@ -368,9 +378,19 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
             time.sleep(0.5)
         assert labels["labels"] == {str(feature): "a planted test label", str((feature + 1) % 512): "imported label"}
 
-        # -- feature icon of the selected feature
+        # -- feature icon of the selected feature: from the probed MODEL, without the two painted steers upstream
         b.page.get_by_test_id("sae-icon").click()
         b.page.get_by_test_id("sae-icon-image").wait_for(timeout=300_000)
+        history = requests.get(f"{server.url}/history", timeout=60).json()
+        graph = next(e["prompt"][2] for e in history.values() if "sae_icon_steer" in e["prompt"][2])
+        icon = graph["sae_icon_steer"]["inputs"]
+        assert icon["apply_to"] == "cond, uncond zeroed" and icon["mode"] == "replace"
+        upstream, node = [], icon["model"][0]
+        while node is not None:
+            upstream.append(graph[node]["class_type"])
+            model = graph[node]["inputs"].get("model")
+            node = model[0] if isinstance(model, list) else None
+        assert upstream[0] == "UnboxProbeBlock" and "UnboxSteerFeatures" not in upstream, upstream
 
         # -- concept search, on mid.0 (the planted SAE)
         b.page.get_by_test_id("sae-block").select_option("mid.0")
