@@ -3,7 +3,9 @@
 Time: one sampling step at 512x512 through ComfyUI's sampler, plain, against the same with SAE Dump
 Activations on the paper's four blocks (fp16 updates, 4 x 256 rows per image) plus SAE Dump Images
 writing the rows and a PNG. The shard size is set to 256 rows, so every image commits a full shard per
-block: all writing is inside the timed run (the default, 16384 rows, writes the same bytes in fewer files).
+block, and the timed run waits for the session's writer thread: all writing is inside the timed run (the
+default, 16384 rows, writes the same bytes in fewer files; in a queue of prompts the writer thread overlaps
+the next prompt's sampling).
 Runs are interleaved, `--reps` times each, and the medians compared as a ratio in one run.
 
 Size: bytes per stored update vector in the pack's shards (fp16 and fp32) against the paper's format, fp32
@@ -84,8 +86,11 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        import folder_paths
+
+        folder_paths.output_directory = str(tmp)  # a dump folder is named relative to ComfyUI's output folder
         dump_model, dump = N["UnboxDumpActivations"].execute(
-            mp, str(tmp / "dump16"), "paper", "all", "cond", "update", "float16", 256, "bench").args
+            mp, "dump16", "paper", "all", "cond", "update", "float16", 256, "bench").args
 
         def plain():
             t0 = time.perf_counter()
@@ -96,6 +101,7 @@ def main():
             t0 = time.perf_counter()
             sample(dump_model)
             N["UnboxDumpImages"].execute(image, dump, prompt="bench", seed=1, commit="only when a shard is full")
+            dump.wait()  # the writer thread's PNG and full shards inside the timed run too
             return time.perf_counter() - t0
 
         print("warm-up ...", flush=True)
