@@ -28,9 +28,8 @@ class StepClock:
     reading a tensor from the device. It also holds the non-finite flags the hooks leave on the device, and
     reads them once per step (one host sync per step, whatever the number of edits)."""
 
-    def __init__(self, sigmas: list[float], schedule=None):
+    def __init__(self, sigmas: list[float]):
         self.sigmas = sigmas
-        self.schedule = schedule  # the sampler's sigmas tensor: a new one means a new sampling run
         self.step = 0
         self._flags: list[tuple[torch.Tensor, tuple, torch.dtype]] = []
 
@@ -201,10 +200,6 @@ class Edit:
     sigma_end: float = 0.0
     node: str = "SAE Unbox"  # the node that made the edit, named in run-time errors
 
-    # Edits that also read the block's input (e.g. dumps of inputs/outputs) set this; their `apply`
-    # then gets `block_input=` the block's input `[B, H, W, C]` as a keyword.
-    needs_block_input = False
-
     def reads_input(self) -> bool:
         """Whether the edit needs the block's input (to read the update, or to write relative to it). A block
         whose edits need none is not copied before it runs (FLUX blocks overwrite their input)."""
@@ -225,10 +220,7 @@ class Edit:
 
     def apply_view(self, view: BlockView, info: CallInfo) -> bool:
         update = view.update()
-        if self.needs_block_input:
-            new = self.apply(update, info, block_input=view.x_in)
-        else:
-            new = self.apply(update, info)
+        new = self.apply(update, info)
         if new is None:
             return False
         view.add_(slice(None), new - update)

@@ -133,7 +133,7 @@ def sampling_run(executor, *args, **kwargs):
     _uncompiled(transformer_options)
     if not isinstance(bound.get("sampler", kwargs.get("sampler")), KSAMPLER):
         return executor(*args, **kwargs)  # a sampler that may not report its steps: the step is read per call
-    clock = StepClock(sigmas.detach().float().cpu().tolist(), sigmas)
+    clock = StepClock(sigmas.detach().float().cpu().tolist())
 
     def on_step(step, *rest):
         clock.end_step(step)
