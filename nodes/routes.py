@@ -68,9 +68,10 @@ async def posted(request: web.Request, fn, limit: int = MAX_JSON_BODY) -> web.St
 
 
 def register_routes() -> bool:
-    """Add the pack's routes (feature browser, workbench, labels) to the running ComfyUI server; False where
+    """Add the pack's routes (feature browser, workbench, labels, the paper's released files) to the running ComfyUI server; False where
     there is none (the pack imported by a script or a test harness rather than by `main.py`)."""
     from .feature_browser import FeatureBrowser
+    from .released import Released
     from .workbench import Workbench
 
     server = sys.modules.get("server")
@@ -79,4 +80,5 @@ def register_routes() -> bool:
         return False
     FeatureBrowser().add_routes(instance.routes)
     Workbench().add_routes(instance.routes)
+    Released().add_routes(instance.routes)
     return True

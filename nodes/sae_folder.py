@@ -9,10 +9,12 @@ from collections import OrderedDict
 
 import folder_paths
 
+from ..sae_models.errors import SAEError
 from ..sae_models.formats import list_saes, load
 from ..sae_models.formats.native import read_summary
 from .errors import NodeInputError, excerpt
 from .paths import confine, relative_parts
+from .routes import Refused
 
 FOLDER = "sae"
 EXTENSIONS = {".safetensors", ".pth", ".pt", ".json"}
@@ -102,3 +104,18 @@ def sae_header(path: str):
         while len(_HEADERS) > _HEADERS_KEPT:
             _HEADERS.popitem(last=False)
     return header
+
+
+def listed_sae(name, node: str = "SAE workbench"):
+    """(path, config) of the SAE called `name` in the SAE folders, for a route: a Refused 400 for a name that
+    is not text, 404 for one that is not listed."""
+    if not isinstance(name, str) or not name:
+        raise Refused(400, "name the SAE (a name from models/sae)")
+    if name not in available_saes():
+        raise Refused(404, f"no SAE named {name[:80]!r} in models/sae")
+    try:
+        path = find_sae(node, name)
+        config, _ = sae_header(path)
+    except (NodeInputError, SAEError) as e:
+        raise Refused(404, str(e)) from None
+    return path, config

@@ -10,7 +10,8 @@ Routes (also under `/api`):
   GET  /sae_unbox/workbench/image?run=ID&index=I           a run's image (PNG)
   GET  /sae_unbox/workbench/heat?run=ID&block=B&feature=F&index=I
                                                            {"grid": [h, w], "values": [h*w], "max", "feature"}
-  GET  /sae_unbox/labels?sae=NAME                          {"labels": {"12": "red cars", ...}}
+  GET  /sae_unbox/labels?sae=NAME                          {"labels": {"12": "red cars", ...}, "categories": {...},
+                                                            "present": false for an SAE not in models/sae}
   POST /sae_unbox/labels          {"sae", "feature", "label"}     (JSON from this server's page only)
   POST /sae_unbox/labels/import   {"sae", "text", "block"?}       a published label set (up to 16 MB)
 """
@@ -18,6 +19,7 @@ Routes (also under `/api`):
 from __future__ import annotations
 
 import io as _io
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -28,13 +30,14 @@ import torch
 from aiohttp import web
 from PIL import Image
 
-from ..sae_models import SAEError
 from ..sae_models.blocks import find_block
-from ..sae_models.labels import LabelError, import_label_set, read_labels, set_label
+from ..sae_models.labels import LabelError, import_label_set, read_categories, read_labels, set_label
+from ..sae_models.releases import recognise
+from ..sae_models.stats import features_index_path
 from .errors import NodeInputError
 from .patching import StepRecord
 from .routes import PREFIX, Refused, answer, posted
-from .sae_folder import available_saes, find_sae, sae_header
+from .sae_folder import available_saes, find_sae, listed_sae, sae_header
 
 MAX_RUNS = 4
 MAX_BYTES = 256 * 2**20
@@ -78,8 +81,18 @@ class Run:
     def describe(self) -> dict:
         return {"run": self.id, "created": self.created, "images": len(self.images),
                 "blocks": [{"block": name, "sae": b.sae, "n_features": b.n_features, "k": b.k, "rows": b.view,
-                            "grid": list(b.record.values.shape[1:3]), "ranking": b.ranking}
+                            "grid": list(b.record.values.shape[1:3]), "ranking": b.ranking, **_sources(b.sae)}
                            for name, b in self.blocks.items()]}
+
+
+def _sources(sae: str) -> dict:
+    """Where the panel finds a feature's top images: the SAE's own features index (which wins), the paper's
+    released images, or neither; so that it asks only for what exists."""
+    try:
+        path = find_sae(NODE, sae)
+    except NodeInputError:
+        return {"index": False, "released": False}
+    return {"index": os.path.isfile(features_index_path(path)), "released": recognise(sae) is not None}
 
 
 def _png(image: torch.Tensor) -> bytes:
@@ -206,23 +219,22 @@ class Workbench:
     @staticmethod
     def _sae(name) -> tuple[str, int]:
         """(path, n_features) of an SAE of the SAE folders."""
-        if not isinstance(name, str) or not name:
-            raise Refused(400, "name the SAE (a name from models/sae)")
-        if name not in available_saes():
-            raise Refused(404, f"no SAE named {name[:80]!r} in models/sae")
-        try:
-            path = find_sae(NODE, name)
-            config, _ = sae_header(path)
-        except (NodeInputError, SAEError) as e:
-            raise Refused(404, str(e)) from None
+        path, config = listed_sae(name, NODE)
         return path, config.n_features
 
     def _labels(self, q) -> dict:
-        path, n = self._sae(q.get("sae"))
+        """An SAE's labels and their categories. An SAE that is not in models/sae (a shared workflow names one
+        the user has not installed) is a normal state: no labels, `present: false`, not an HTTP error."""
+        name = q.get("sae")
+        if isinstance(name, str) and name and name not in available_saes():
+            return {"sae": name, "present": False, "labels": {}, "categories": {}}
+        path, n = self._sae(name)
         try:
-            return {"sae": q.get("sae"), "labels": {str(f): t for f, t in read_labels(path, n).items()}}
+            labels, categories = read_labels(path, n), read_categories(path, n)
         except LabelError as e:
             raise Refused(422, str(e)) from None
+        return {"sae": name, "present": True, "labels": {str(f): t for f, t in labels.items()},
+                "categories": {str(f): t for f, t in categories.items()}}
 
     def _set_label(self, body: dict) -> dict:
         path, n = self._sae(body.get("sae"))

@@ -1,35 +1,34 @@
-"""The model files the example workflows need, where they go, and a resuming, verifying downloader.
-
-Hugging Face answers a `resolve` URL with the file's size and hash in its headers (`X-Linked-Size` and
-`X-Linked-ETag` = sha256 for files stored with git LFS; `ETag` = the git blob sha1 for small files).
-A download goes to `<file>.part`, resumes from there with an HTTP Range request after a break, and is
-renamed into place only when its size and hash match.
-"""
+"""The model files the example workflows need, where they go, and the pack's resuming, verifying downloader
+(`sae_models/download.py`, loaded by its path so that the quick start runs before torch is installed)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
+import importlib.util
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+
+
+def _stdlib_module(name: str):
+    """A stdlib-only module of sae_models, loaded without the package (whose import needs torch)."""
+    spec = importlib.util.spec_from_file_location(
+        f"_sae_unbox_{name}", Path(__file__).resolve().parents[1] / "sae_models" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_download, _releases = _stdlib_module("download"), _stdlib_module("releases")
+DownloadError, download = _download.DownloadError, _download.download
+expected_size_and_hash, file_digest = _download.expected_size_and_hash, _download.file_digest
+PAPER_SAE_FOLDERS, FLUX_SAE_FOLDER = _releases.PAPER_SAE_FOLDERS, _releases.FLUX_SAE_FOLDER
 
 HF = "https://huggingface.co"
 CHECKPOINT_NAME = "sd_xl_turbo_1.0_fp16.safetensors"
 CHECKPOINT_URL = f"{HF}/stabilityai/sdxl-turbo/resolve/main/{CHECKPOINT_NAME}"
 # The paper's README points to its demo Space, which holds the four released SAEs under checkpoints/.
 SAE_BASE_URL = f"{HF}/spaces/surokpro2/Unboxing_SDXL_with_SAEs/resolve/main/checkpoints"
-RELEASE = "unet.{}_k10_hidden5120_auxk256_bs4096_lr0.0001"
-PAPER_SAE_FOLDERS = {
-    "down.2.1": RELEASE.format("down_blocks.2.attentions.1"),
-    "mid.0": RELEASE.format("mid_block.attentions.0"),
-    "up.0.0": RELEASE.format("up_blocks.0.attentions.0"),
-    "up.0.1": RELEASE.format("up_blocks.0.attentions.1"),
-}
 SAE_FILES = ("config.json", "state_dict.pth", "mean.pt", "std.pt")
 
 # SDXL base (the paper's later code paints on it with the Turbo SAEs, which transfer).
@@ -44,15 +43,10 @@ FLUX_FILES = {  # place under models/ -> (repo, file in the repo)
     "vae/ae.safetensors": ("black-forest-labs/FLUX.1-schnell", "ae.safetensors"),
 }
 FLUX_SAE_REPO = "antoniomari/SAE_flux_18"
-FLUX_SAE_FOLDER = "SAE_flux_18"  # the folder name tells the reader the block (double.18)
 FLUX_SAE_FILES = ("config.json", "state_dict.pth", "mean.pt")
 
 MODELS = ("sdxl-turbo", "sdxl-base", "flux-schnell")
 WORKFLOW_OF = {"sdxl-turbo": "explore.json", "sdxl-base": "sdxl_base_paint.json", "flux-schnell": "flux_explore.json"}
-
-
-class DownloadError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -94,111 +88,3 @@ def missing_files(files) -> list[ModelFile]:
     return [f for f in files if not f.dest.is_file()]
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-def expected_size_and_hash(url: str, timeout: float = 30) -> tuple[int | None, str | None, str | None]:
-    """(size, hash algorithm, hex digest) announced by the server for `url`, without downloading it."""
-    opener = urllib.request.build_opener(_NoRedirect)
-    req = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
-    try:
-        resp = opener.open(req, timeout=timeout)
-        headers = resp.headers
-    except urllib.error.HTTPError as e:  # a 3xx redirect lands here, with the headers we want
-        if e.code >= 400:
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-        headers = e.headers
-    except urllib.error.URLError as e:
-        raise DownloadError(f"{url}: cannot connect ({e.reason})") from None
-    size = headers.get("X-Linked-Size") or headers.get("Content-Length")
-    linked = (headers.get("X-Linked-ETag") or "").strip('W/"')
-    etag = (headers.get("ETag") or "").strip('W/"')
-    if re.fullmatch(r"[0-9a-f]{64}", linked):
-        return (int(size) if size else None), "sha256", linked
-    if re.fullmatch(r"[0-9a-f]{40}", etag):
-        return (int(size) if size else None), "git-sha1", etag
-    if re.fullmatch(r"[0-9a-f]{64}", etag):
-        return (int(size) if size else None), "sha256", etag
-    return (int(size) if size else None), None, None
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    if algorithm == "git-sha1":  # git's blob id: sha1 of "blob <size>\0" + content
-        h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    else:
-        h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _progress(name: str, done: int, total: int | None, started: float, out=sys.stderr):
-    rate = done / max(time.monotonic() - started, 1e-6)
-    if total:
-        filled = int(30 * done / total)
-        out.write(f"\r{name[:40]:<40} [{'#' * filled}{'.' * (30 - filled)}] {done / total:6.1%} "
-                  f"{done / 1e6:8.1f}/{total / 1e6:.1f} MB {rate / 1e6:6.1f} MB/s")
-    else:
-        out.write(f"\r{name[:40]:<40} {done / 1e6:8.1f} MB {rate / 1e6:6.1f} MB/s")
-    out.flush()
-
-
-def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 60, chunk: int = 1 << 20) -> Path:
-    """Download `url` to `dest`, resuming `dest.part`; verify size and hash before renaming into place."""
-    dest = Path(dest)
-    size, algorithm, digest = expected_size_and_hash(url, timeout)
-    if algorithm is None:
-        raise DownloadError(f"{url}: the server gives no hash for this file, so it cannot be verified; not downloaded")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    if size is not None and have > size:
-        part.unlink()
-        have = 0
-    if size is None or have < size:
-        headers = {"Accept-Encoding": "identity"}
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        try:
-            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and size is not None and have == size:
-                resp = None
-            else:
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-        except urllib.error.URLError as e:
-            raise DownloadError(f"{url}: cannot connect ({e.reason})") from None
-        if resp is not None:
-            mode = "ab" if have and resp.status == 206 else "wb"
-            done = have if mode == "ab" else 0
-            started = time.monotonic()
-            try:
-                with resp, open(part, mode) as f:
-                    while True:
-                        block = resp.read(chunk)
-                        if not block:
-                            break
-                        f.write(block)
-                        done += len(block)
-                        if progress:
-                            _progress(dest.name, done, size, started)
-            except (OSError, urllib.error.URLError) as e:
-                if progress:
-                    sys.stderr.write("\n")
-                raise DownloadError(
-                    f"{url}: the download broke off after {done} bytes ({e}); run again to resume from {part}"
-                ) from None
-            if progress:
-                sys.stderr.write("\n")
-    got = part.stat().st_size
-    if size is not None and got != size:
-        raise DownloadError(f"{url}: got {got} bytes, expected {size}; run again to resume from {part}")
-    actual = file_digest(part, algorithm)
-    if actual != digest:
-        part.unlink()
-        raise DownloadError(f"{url}: {algorithm} of the download is {actual}, expected {digest}; the file was deleted")
-    os.replace(part, dest)
-    return dest

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from sae_models.labels import (
-    MAX_LABEL, LabelError, clean_label, labels_path, parse_label_set, read_labels, set_label, write_labels,
+    MAX_LABEL, LabelError, clean_label, import_label_set, labels_path, parse_label_set, read_labels, set_label,
+    write_labels,
 )
 
 
@@ -81,3 +82,23 @@ def test_a_set_of_several_blocks_needs_one_named():
 def test_a_deeply_nested_set_is_refused(text):
     with pytest.raises(LabelError, match="JSON nested too deeply|not JSON"):
         parse_label_set(text, 10)
+
+
+def test_the_paper_label_set_brings_categories_that_stay_beside_their_labels(tmp_path):
+    """The published set of the paper's SAEs: one JSON array per block of {feature_id, label, category,
+    confidence}. Categories are kept beside the labels, follow a re-import, and go with a removed label."""
+    from sae_models.labels import read_categories, set_label
+
+    sae = tmp_path / "sae.safetensors"
+    rows = [{"feature_id": 3, "label": "red cars", "category": "object", "confidence": 0.9},
+            {"feature_id": 7, "label": "watercolour", "category": "style", "confidence": 0.7},
+            {"feature_id": 9, "label": "no category"}]
+    assert import_label_set(sae, json.dumps(rows), 16) == (3, 3)
+    assert read_labels(sae) == {3: "red cars", 7: "watercolour", 9: "no category"}
+    assert read_categories(sae) == {3: "object", 7: "style"}
+    set_label(sae, 7, "a watercolour wash", 16)  # the user's own wording keeps the category
+    assert read_categories(sae) == {3: "object", 7: "style"}
+    set_label(sae, 3, "", 16)  # a removed label takes its category with it
+    assert read_categories(sae) == {7: "style"}
+    import_label_set(sae, json.dumps([{"feature_id": 7, "label": "paint"}]), 16)  # re-imported without one
+    assert read_categories(sae) == {} and read_labels(sae)[7] == "paint"

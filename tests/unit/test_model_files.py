@@ -2,93 +2,25 @@
 endpoint (size and hash in headers, a redirect for large files, Range requests, a connection that breaks)."""
 
 import hashlib
-import http.server
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import model_files  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+from fake_hub import LFS, Handler, serve  # noqa: E402
 from model_files import DownloadError, download, missing_files, required_files  # noqa: E402
 
 BIG = bytes(range(256)) * 4096 + b"tail"  # ~1 MB, served like an LFS file (sha256)
 SMALL = b'{"n_dirs_local": 5120, "d_model": 1280, "k": 10}'  # served like a git file (blob sha1)
-LFS = (".bin", ".safetensors", ".pth", ".pt")  # stored with git LFS on Hugging Face: sha256 in X-Linked-ETag
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    files: dict = {}
-    break_after: dict = {}  # path -> bytes to send before cutting the connection (once)
-    requests: list = []
-
-    def log_message(self, *a):
-        pass
-
-    def _meta(self, path):
-        data = self.files[path]
-        if path.endswith(LFS):
-            return {"X-Linked-Size": str(len(data)), "X-Linked-ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
-        blob = hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
-        return {"ETag": f'"{blob}"', "Content-Length": str(len(data))}
-
-    def do_HEAD(self):
-        path = self.path.split("?")[0]
-        if path not in self.files:
-            self.send_error(404)
-            return
-        if path.endswith(LFS):  # large files redirect to a CDN, headers on the redirect
-            self.send_response(302)
-            self.send_header("Location", "/cdn" + path)
-        else:
-            self.send_response(200)
-        for k, v in self._meta(path).items():
-            self.send_header(k, v)
-        self.end_headers()
-
-    def do_GET(self):
-        path = self.path.split("?")[0]
-        self.requests.append((path, self.headers.get("Range")))
-        if path.endswith(LFS) and not path.startswith("/cdn"):
-            self.send_response(302)
-            self.send_header("Location", "/cdn" + path)
-            self.end_headers()
-            return
-        path = path.removeprefix("/cdn")
-        if path not in self.files:
-            self.send_error(404)
-            return
-        data = self.files[path]
-        start = 0
-        rng = self.headers.get("Range")
-        if rng:
-            start = int(rng.split("=")[1].split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        cut = self.break_after.pop(path, None)
-        if cut is not None:
-            self.wfile.write(body[:cut])
-            self.wfile.flush()
-            self.connection.shutdown(2)
-            return
-        self.wfile.write(body)
 
 
 @pytest.fixture
 def server():
-    Handler.files = {"/m/model.bin": BIG, "/m/config.json": SMALL, "/m/bad.bin": BIG}
-    Handler.break_after, Handler.requests = {}, []
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serve({"/m/model.bin": BIG, "/m/config.json": SMALL, "/m/bad.bin": BIG}) as url:
+        yield url
 
 
 def test_downloads_and_verifies(server, tmp_path):
@@ -219,3 +151,18 @@ def test_a_published_label_set_is_downloaded_verified_and_imported(server, tmp_p
     finally:
         Handler._meta = original_meta
     assert "error:" in capsys.readouterr().err and 1 not in read_labels(sae_path)
+
+
+def test_a_file_larger_than_accepted_is_refused_and_nothing_kept(server, tmp_path):
+    with pytest.raises(DownloadError, match="at most 1000 bytes"):
+        download(f"{server}/m/model.bin", tmp_path / "model.bin", progress=False, max_bytes=1000)
+    assert not any(tmp_path.iterdir())
+    # a server that sends more than it stated is cut off at the bound, and the part is deleted
+    Handler.files["/m/liar.json"] = SMALL * 100
+    Handler.stated_size = {"/m/liar.json": len(SMALL)}
+    try:
+        with pytest.raises(DownloadError, match="more than the 100 bytes"):
+            download(f"{server}/m/liar.json", tmp_path / "liar.json", progress=False, max_bytes=100, chunk=64)
+    finally:
+        Handler.stated_size = {}
+    assert not any(tmp_path.iterdir())
