@@ -91,8 +91,10 @@ def _sources(sae: str) -> dict:
     try:
         path = find_sae(NODE, sae)
     except NodeInputError:
-        return {"index": False, "released": False}
-    return {"index": os.path.isfile(features_index_path(path)), "released": recognise(sae) is not None}
+        return {"index": False, "released": False, "label_set": False}
+    release = recognise(sae)
+    return {"index": os.path.isfile(features_index_path(path)), "released": release is not None,
+            "label_set": release is not None and release.label_set is not None}
 
 
 def _png(image: torch.Tensor) -> bytes:

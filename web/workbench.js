@@ -4,7 +4,9 @@
 // probed block, the ranked features. Clicking a feature overlays its heatmap, computed on the server from the
 // codes it kept for that run (/sae_unbox/workbench/heat), with its statistics, label and top dataset images.
 // Paint a region and Apply: the panel adds (or updates) an SAE Steer Features node between the probed MODEL
-// and the sampler, with an SAE Painted Mask node holding the painting, and queues the graph. Feature icon and
+// and the sampler, with an SAE Painted Mask node holding the painting (placed in free space of the canvas),
+// queues the graph, and shows the input and the steered output side by side. The chosen block and feature
+// are kept across runs and page reloads (in the browser's localStorage). Feature icon and
 // Find features queue small prompts built from the graph. Everything the panel does is a node or a widget value
 // of the graph (the graph stays the source of truth) or a label in the file beside the SAE.
 //
@@ -19,6 +21,10 @@ const PAINTED = "UnboxPaintedMask";
 const PASS_THROUGH = new Set(["UnboxProbeBlock", STEER, "UnboxReconstructBlock", "UnboxDumpActivations"]);
 // Colours as nodes/render.py draws heatmaps: anchors of matplotlib's inferno at 0, 1/4, 1/2, 3/4, 1.
 const INFERNO = [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]];
+// What the paper found each SDXL block does (its section 4); mid.0's features it found harder to name.
+export const ROLES = { "down.2.1": "composition", "up.0.0": "local details", "up.0.1": "colour and style" };
+const SAVED = "sae_unbox.workbench.selection";
+const GAP = 40; // canvas units kept free around a node the panel places
 
 export function colorize(v) {
   const x = Math.min(Math.max(v, 0), 1) * (INFERNO.length - 1);
@@ -27,11 +33,27 @@ export function colorize(v) {
   return INFERNO[lo].map((c, i) => Math.round(c * (1 - f) + INFERNO[lo + 1][i] * f));
 }
 
+function savedChoice() {
+  try {
+    const v = JSON.parse(localStorage.getItem(SAVED) || "{}");
+    return { block: typeof v.block === "string" ? v.block : null, feature: Number.isInteger(v.feature) ? v.feature : null };
+  } catch {
+    return { block: null, feature: null };
+  }
+}
+
 const state = {
-  runs: [], run: null, block: null, chosenBlock: null, image: 0, feature: null,
-  labels: {}, // sae name -> {feature: label}
+  runs: [], run: null, block: null, image: 0, feature: null,
+  want: savedChoice(), // the block and feature the user chose: kept across runs and reloads while they exist
+  labels: {}, // sae name -> {labels: {feature: label}, categories: {feature: category}}
   mode: "view", pending: {}, // prompt id -> "icon" | "find"
+  compare: null, // {before: data URL, run: the run shown when Apply was pressed}
 };
+
+function choose(block, feature) {
+  state.want = { block, feature };
+  try { localStorage.setItem(SAVED, JSON.stringify(state.want)); } catch { /* private mode: not kept */ }
+}
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -45,11 +67,15 @@ function el(tag, attrs = {}, ...children) {
 }
 
 const STYLE = `
-.sae-wb { padding: 8px; display: flex; flex-direction: column; gap: 8px; font-size: 13px; }
+.sae-wb { padding: 0 8px 8px; display: flex; flex-direction: column; gap: 6px; font-size: 13px; height: 100%;
+  overflow-y: auto; box-sizing: border-box; }
+.sae-wb .top { position: sticky; top: 0; z-index: 2; display: flex; flex-direction: column; gap: 6px; padding-top: 8px;
+  padding-bottom: 6px; background: var(--comfy-menu-bg, #353535); border-bottom: 1px solid var(--border-color, #444); }
 .sae-wb select, .sae-wb input, .sae-wb textarea, .sae-wb button { font: inherit; color: inherit;
   background: var(--comfy-input-bg, #222); border: 1px solid var(--border-color, #444); border-radius: 4px; padding: 2px 6px; }
+.sae-wb select { max-width: 100%; }
 .sae-wb .row { display: flex; gap: 6px; align-items: center; flex-wrap: wrap; }
-.sae-wb .stage { position: relative; width: 100%; background: #000; }
+.sae-wb .stage { position: relative; width: 100%; max-width: 40vh; margin: 0 auto; background: #000; }
 .sae-wb .stage img, .sae-wb .stage canvas { position: absolute; inset: 0; width: 100%; height: 100%; }
 .sae-wb .stage img { position: relative; display: block; height: auto; }
 .sae-wb .overlay { image-rendering: pixelated; pointer-events: none; }
@@ -60,7 +86,10 @@ const STYLE = `
 .sae-wb .ranking button.sel { border-color: #ffcc33; }
 .sae-wb .dim { opacity: .7; font-size: 12px; }
 .sae-wb .thumbs { display: grid; grid-template-columns: repeat(3, 1fr); gap: 4px; }
-.sae-wb .thumbs img, .sae-wb .icon img { width: 100%; display: block; }
+.sae-wb .thumbs img, .sae-wb .icon img, .sae-wb .released img { width: 100%; display: block; }
+.sae-wb .compare { display: grid; grid-template-columns: 1fr 1fr; gap: 4px; }
+.sae-wb .compare img { width: 100%; display: block; }
+.sae-wb .cat { opacity: .7; font-style: italic; }
 .sae-wb h4 { margin: 6px 0 2px; font-size: 13px; }
 `;
 
@@ -70,55 +99,66 @@ const $ = {};
 const field = (name, node) => ($[name] = node);
 const root = el("div", { class: "sae-wb", "data-testid": "sae-workbench" },
   el("style", {}, STYLE),
-  el("div", { class: "row" },
-    field("runSelect", el("select", { "data-testid": "sae-run", on: { change: () => selectRun($.runSelect.value) } })),
-    field("blockSelect", el("select", { "data-testid": "sae-block", on: { change: () => {
-      state.chosenBlock = $.blockSelect.value;
-      selectBlock($.blockSelect.value);
-    } } })),
-    el("button", { "data-testid": "sae-refresh", title: "Reload the runs the server kept", on: { click: () => refreshRuns() } }, "↻")),
-  field("stage", el("div", { class: "stage", "data-testid": "sae-stage" },
-    field("image", el("img", { "data-testid": "sae-image", alt: "" })),
-    field("overlay", el("canvas", { class: "overlay", "data-testid": "sae-overlay", width: 1, height: 1 })),
-    field("paint", el("canvas", { class: "paint", "data-testid": "sae-paint", width: 1, height: 1 })))),
-  el("div", { class: "row" },
-    el("label", {}, "overlay ", field("alpha", el("input", { type: "range", min: 0, max: 1, step: 0.05, value: 0.6,
-      "data-testid": "sae-alpha", on: { input: () => { $.overlay.style.opacity = $.alpha.value; } } }))),
-    el("label", {}, "feature ", field("featureId", el("input", { type: "number", min: 0, style: "width:6em", "data-testid": "sae-feature-id" }))),
-    el("button", { "data-testid": "sae-show", on: { click: () => selectFeature(Number($.featureId.value)) } }, "show")),
-  field("status", el("div", { class: "dim", "data-testid": "sae-status" }, "Run a graph with SAE Top Features to see its features here.")),
-  el("h4", {}, "Top features"),
+  el("div", { class: "top", "data-testid": "sae-top" },
+    el("div", { class: "row" },
+      el("label", {}, "run ", field("runSelect", el("select", { "data-testid": "sae-run", title: "The runs the server kept, newest first: when each ran and which blocks it probed",
+        on: { change: () => selectRun($.runSelect.value) } }))),
+      el("label", {}, "block ", field("blockSelect", el("select", { "data-testid": "sae-block", title: "The probed block; the paper found down.2.1 sets composition, up.0.0 local details, up.0.1 colour and style",
+        on: { change: () => {
+          choose($.blockSelect.value, state.want.block === $.blockSelect.value ? state.want.feature : null);
+          selectBlock($.blockSelect.value);
+        } } }))),
+      el("button", { "data-testid": "sae-refresh", title: "Reload the runs the server kept", on: { click: () => refreshRuns() } }, "↻")),
+    field("stage", el("div", { class: "stage", "data-testid": "sae-stage" },
+      field("image", el("img", { "data-testid": "sae-image", alt: "" })),
+      field("overlay", el("canvas", { class: "overlay", "data-testid": "sae-overlay", width: 1, height: 1 })),
+      field("paint", el("canvas", { class: "paint", "data-testid": "sae-paint", width: 1, height: 1 })))),
+    el("div", { class: "row" },
+      el("label", {}, "feature ", field("featureId", el("input", { type: "number", min: 0, style: "width:6em", "data-testid": "sae-feature-id" }))),
+      el("button", { "data-testid": "sae-show", on: { click: () => selectFeature(Number($.featureId.value), true) } }, "show"),
+      el("label", { title: "Opacity of the heatmap over the image" }, "heatmap ", field("alpha", el("input", { type: "range", min: 0, max: 1, step: 0.05, value: 0.6,
+        "data-testid": "sae-alpha", on: { input: () => { $.overlay.style.opacity = $.alpha.value; } } })))),
+    field("detail", el("div", { "data-testid": "sae-detail", class: "dim" })),
+    el("div", { class: "row" },
+      field("paintMode", el("button", { "data-testid": "sae-paint-mode", title: "Paint on the image where the feature should act", on: { click: () => setMode(state.mode === "paint" ? "view" : "paint") } }, "brush")),
+      el("label", {}, "size ", field("brush", el("input", { type: "number", min: 1, max: 512, value: 48, style: "width:4.5em", "data-testid": "sae-brush" }))),
+      el("label", {}, field("erase", el("input", { type: "checkbox", "data-testid": "sae-erase" })), " erase"),
+      el("button", { "data-testid": "sae-clear", on: { click: () => clearPaint() } }, "clear")),
+    el("div", { class: "row" },
+      el("label", { title: "How much of the feature: strength × its mean activation × its direction" }, "strength ",
+        field("strength", el("input", { type: "number", step: 0.5, value: 4, style: "width:4.5em", "data-testid": "sae-strength" }))),
+      el("label", { title: "Which part of the denoising the feature is painted in, as fractions: 0 is the first step, 1 the end" }, "during ",
+        field("start", el("input", { type: "number", min: 0, max: 1, step: 0.05, value: 0, style: "width:4em", "data-testid": "sae-start" })),
+        " to ", field("end", el("input", { type: "number", min: 0, max: 1, step: 0.05, value: 1, style: "width:4em", "data-testid": "sae-end" })),
+        " of denoising"),
+      el("button", { "data-testid": "sae-apply", title: "Paint the feature into the graph and run it", on: { click: () => applyPaint() } }, "Apply"),
+      el("button", { "data-testid": "sae-icon", title: "The paper's feature icon: empty prompt, the block's update replaced by k × mean × the feature", on: { click: () => featureIcon() } }, "feature icon")),
+    field("status", el("div", { class: "dim", "data-testid": "sae-status" }, "Run a graph with SAE Top Features to see its features here."))),
+  field("compare", el("div", { class: "compare", "data-testid": "sae-compare" })),
+  field("icon", el("div", { class: "icon", "data-testid": "sae-icon-result" })),
+  el("h4", {}, "Top features ", el("span", { class: "dim" }, "(by mean activation over the image)")),
   field("ranking", el("div", { class: "ranking", "data-testid": "sae-ranking" })),
-  el("h4", {}, "Feature"),
-  field("detail", el("div", { "data-testid": "sae-detail", class: "dim" })),
+  el("h4", {}, "Top images of the feature"),
+  field("topImages", el("div", { class: "thumbs", "data-testid": "sae-top-images" })),
+  field("released", el("div", { class: "released", "data-testid": "sae-released" })),
+  field("topNote", el("div", { class: "dim", "data-testid": "sae-top-note" })),
   el("div", { class: "row" },
     field("labelInput", el("input", { placeholder: "label this feature", maxlength: 200, style: "flex:1", "data-testid": "sae-label-input" })),
     el("button", { "data-testid": "sae-label-save", on: { click: () => saveLabel() } }, "save label")),
-  field("topImages", el("div", { class: "thumbs", "data-testid": "sae-top-images" })),
-  el("h4", {}, "Paint"),
-  el("div", { class: "row" },
-    field("paintMode", el("button", { "data-testid": "sae-paint-mode", on: { click: () => setMode(state.mode === "paint" ? "view" : "paint") } }, "brush")),
-    el("label", {}, "size ", field("brush", el("input", { type: "number", min: 1, max: 512, value: 48, style: "width:4.5em", "data-testid": "sae-brush" }))),
-    el("label", {}, field("erase", el("input", { type: "checkbox", "data-testid": "sae-erase" })), " erase"),
-    el("button", { "data-testid": "sae-clear", on: { click: () => clearPaint() } }, "clear")),
-  el("div", { class: "row" },
-    el("label", {}, "strength ", field("strength", el("input", { type: "number", step: 0.5, value: 4, style: "width:5em", "data-testid": "sae-strength" }))),
-    el("label", {}, "steps ", field("start", el("input", { type: "number", min: 0, max: 1, step: 0.05, value: 0, style: "width:4.5em", "data-testid": "sae-start" })),
-      "–", field("end", el("input", { type: "number", min: 0, max: 1, step: 0.05, value: 1, style: "width:4.5em", "data-testid": "sae-end" }))),
-    el("button", { "data-testid": "sae-apply", on: { click: () => applyPaint() } }, "Apply"),
-    el("button", { "data-testid": "sae-icon", title: "The paper's feature icon: empty prompt, the block's update replaced by k × mean × the feature", on: { click: () => featureIcon() } }, "feature icon")),
-  field("icon", el("div", { class: "icon", "data-testid": "sae-icon-result" })),
   el("h4", {}, "Find features by a concept"),
+  el("div", { class: "dim" }, "Ranks the features that fire more for the concept than for the neutral prompts (several separated by ;), with this graph's model."),
   el("div", { class: "row" },
-    field("concept", el("input", { value: "a red car", style: "flex:1", "data-testid": "sae-concept" })),
-    field("neutral", el("input", { value: "a car", style: "flex:1", title: "neutral prompts, separated by ;", "data-testid": "sae-neutral" })),
+    el("label", { style: "flex:1" }, "concept ", field("concept", el("input", { value: "a red car", style: "width:100%", "data-testid": "sae-concept" }))),
+    el("label", { style: "flex:1" }, "neutral ", field("neutral", el("input", { value: "a car", style: "width:100%", title: "neutral prompts, separated by ;", "data-testid": "sae-neutral" }))),
     el("button", { "data-testid": "sae-find", on: { click: () => findFeatures() } }, "find")),
   field("found", el("div", { class: "ranking", "data-testid": "sae-found" })),
   el("h4", {}, "Labels"),
   el("div", { class: "row" },
     field("labelSearch", el("input", { type: "search", placeholder: "search the labels", style: "flex:1", "data-testid": "sae-label-search", on: { input: () => showLabelSearch() } })),
     el("label", { title: "Import a published label set (JSON, JSON Lines or CSV) for this SAE" }, "import ",
-      field("labelFile", el("input", { type: "file", accept: ".json,.jsonl,.csv,.txt", "data-testid": "sae-label-import", on: { change: () => importLabels() } })))),
+      field("labelFile", el("input", { type: "file", accept: ".json,.jsonl,.csv,.txt", "data-testid": "sae-label-import", on: { change: () => importLabels() } }))),
+    field("paperLabels", el("button", { "data-testid": "sae-paper-labels", style: "display:none",
+      title: "Download (verified) and import the published labels of the paper's SAE of this block", on: { click: () => importPaperLabels() } }, "import the paper's labels"))),
   field("labelHits", el("div", { class: "ranking", "data-testid": "sae-label-hits" })),
 );
 
@@ -136,10 +176,18 @@ async function getJSON(path, init) {
 function currentRun() { return state.runs.find((r) => r.run === state.run) || null; }
 function currentBlock() { return currentRun()?.blocks.find((b) => b.block === state.block) || null; }
 
+export function blockTitle(b) {
+  return `${b.block}${ROLES[b.block] ? ` — ${ROLES[b.block]}` : ""}  (${b.sae})`;
+}
+
+function runTitle(r) {
+  const when = new Date(r.created * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return `${when} · ${r.blocks.map((b) => b.block).join(", ")}`;
+}
+
 export async function refreshRuns(prefer) {
   state.runs = await getJSON("/sae_unbox/workbench/runs");
-  $.runSelect.replaceChildren(...state.runs.map((r, i) =>
-    el("option", { value: r.run }, `run ${state.runs.length - i} (${r.blocks.map((b) => b.block).join(", ")})`)));
+  $.runSelect.replaceChildren(...state.runs.map((r) => el("option", { value: r.run }, runTitle(r))));
   const keep = prefer || (state.runs.some((r) => r.run === state.run) ? state.run : state.runs[0]?.run);
   if (keep) await selectRun(keep);
   else setStatus("No run with probes yet: run a graph with SAE Top Features.");
@@ -150,7 +198,7 @@ async function selectRun(id) {
   $.runSelect.value = id;
   const run = currentRun();
   if (!run) return;
-  $.blockSelect.replaceChildren(...run.blocks.map((b) => el("option", { value: b.block }, `${b.block} (${b.sae})`)));
+  $.blockSelect.replaceChildren(...run.blocks.map((b) => el("option", { value: b.block }, blockTitle(b))));
   state.image = 0;
   await new Promise((resolve) => {
     $.image.onload = resolve;
@@ -159,18 +207,30 @@ async function selectRun(id) {
   });
   if (state.run !== id) return; // another run was chosen meanwhile
   sizePaint();
+  showComparison(run);
   const has = (name) => run.blocks.some((b) => b.block === name);
-  const block = has(state.chosenBlock) ? state.chosenBlock : has(state.block) ? state.block : run.blocks[0]?.block;
+  const block = has(state.want.block) ? state.want.block : has(state.block) ? state.block : run.blocks[0]?.block;
   await selectBlock(block);
 }
 
 async function loadLabels(sae) {
   try {
-    state.labels[sae] = (await getJSON(`/sae_unbox/labels?sae=${encodeURIComponent(sae)}`)).labels;
+    const r = await getJSON(`/sae_unbox/labels?sae=${encodeURIComponent(sae)}`);
+    state.labels[sae] = { labels: r.labels || {}, categories: r.categories || {} };
   } catch {
-    state.labels[sae] = {};
+    state.labels[sae] = { labels: {}, categories: {} };
   }
   return state.labels[sae];
+}
+
+function labelOf(sae, feature) {
+  const set = state.labels[sae] || { labels: {}, categories: {} };
+  return { label: set.labels[feature] || "", category: set.categories[feature] || "" };
+}
+
+function labelText(sae, feature) {
+  const { label, category } = labelOf(sae, feature);
+  return label ? `${label}${category ? ` [${category}]` : ""}` : "";
 }
 
 async function selectBlock(name) {
@@ -178,19 +238,24 @@ async function selectBlock(name) {
   $.blockSelect.value = name;
   const b = currentBlock();
   if (!b) return;
-  const labels = await loadLabels(b.sae);
+  await loadLabels(b.sae);
   if (state.block !== name || currentBlock() !== b) return; // another block or run was chosen meanwhile
   $.ranking.dataset.block = name;
-  $.ranking.replaceChildren(...b.ranking.map((f) => el("button", {
-    "data-testid": `sae-feature-${f.feature}`, on: { click: () => selectFeature(f.feature) },
-  }, `#${f.feature}  ${f.mean_activation.toPrecision(3)}${labels[f.feature] ? "  " + labels[f.feature] : ""}`)));
+  $.ranking.replaceChildren(...b.ranking.map((f) => {
+    const text = labelText(b.sae, f.feature);
+    return el("button", { "data-testid": `sae-feature-${f.feature}`, title: "mean activation over the image",
+      on: { click: () => selectFeature(f.feature, true) } },
+    `#${f.feature} · mean ${f.mean_activation.toPrecision(3)}${text ? " · " + text : ""}`);
+  }));
+  $.paperLabels.style.display = b.label_set ? "" : "none";
   setStatus(`${b.block}: ${b.grid[0]}×${b.grid[1]} positions, SAE ${b.sae}`);
   showLabelSearch();
-  const keep = b.ranking.some((r) => r.feature === state.feature) ? state.feature : b.ranking[0]?.feature;
+  const wanted = state.want.block === name && Number.isInteger(state.want.feature) && state.want.feature < b.n_features;
+  const keep = wanted ? state.want.feature : b.ranking[0]?.feature;
   if (keep !== undefined && keep !== null) await selectFeature(keep);
 }
 
-export async function selectFeature(feature) {
+export async function selectFeature(feature, chosen = false) {
   const b = currentBlock();
   if (!b) return;
   if (!Number.isInteger(feature) || feature < 0 || feature >= b.n_features) { // refused: nothing changes
@@ -198,9 +263,12 @@ export async function selectFeature(feature) {
     $.featureId.value = state.feature ?? "";
     return;
   }
+  if (chosen) choose(b.block, feature);
+  if (state.feature !== feature) $.icon.replaceChildren(); // the icon shown was another feature's
   state.feature = feature;
   $.featureId.value = feature;
   for (const btn of $.ranking.children) btn.classList.toggle("sel", btn.dataset.testid === `sae-feature-${feature}`);
+  showStoredPainting(b, feature);
   let heat;
   try {
     heat = await getJSON(`/sae_unbox/workbench/heat?run=${encodeURIComponent(state.run)}&block=${encodeURIComponent(b.block)}&feature=${feature}&index=${state.image}`);
@@ -210,12 +278,14 @@ export async function selectFeature(feature) {
   }
   if (state.feature !== feature || currentBlock() !== b) return; // superseded by a newer choice
   drawHeat(heat);
-  const label = (state.labels[b.sae] || {})[feature] || "";
+  const { label } = labelOf(b.sae, feature);
   $.labelInput.value = label;
+  const text = labelText(b.sae, feature);
   const stats = Object.entries(heat.stats).map(([k, v]) => `${k} ${Number(v).toPrecision(3)}`).join(", ");
-  $.detail.textContent = `#${feature} on ${b.block}${label ? ` — ${label}` : ""}: max here ${heat.max.toPrecision(3)}` +
+  $.detail.textContent = `#${feature} on ${b.block}${text ? ` — ${text}` : ""}: max here ${heat.max.toPrecision(3)}` +
     (stats ? `; over the SAE's data: ${stats}` : "");
-  showTopImages(b.sae, feature);
+  setStatus(`#${feature} on ${b.block}`);
+  showTopImages(b, feature);
 }
 
 function drawHeat(heat) {
@@ -234,17 +304,38 @@ function drawHeat(heat) {
   c.dataset.feature = heat.feature;
 }
 
-async function showTopImages(sae, feature) {
+// A feature's top images: from the SAE's own features index where it has one, else the paper's published
+// images where the SAE is one of its releases; the panel asks only for what the run says exists.
+async function showTopImages(b, feature) {
   $.topImages.replaceChildren();
+  $.released.replaceChildren();
+  $.topNote.textContent = "";
+  const stale = () => state.feature !== feature || currentBlock() !== b;
   try {
-    const page = await getJSON(`/sae_unbox/features?sae=${encodeURIComponent(sae)}&q=${encodeURIComponent("#" + feature)}&limit=1`);
-    for (const e of (page.features[0]?.top || []).slice(0, 6)) {
-      if (!e.file) continue;
-      $.topImages.append(el("img", { title: `${e.prompt || ""} (${Number(e.value).toPrecision(3)})`,
-        src: api.apiURL(`/sae_unbox/image?sae=${encodeURIComponent(sae)}&file=${encodeURIComponent(e.file)}`) }));
+    if (b.index) {
+      const page = await getJSON(`/sae_unbox/features?sae=${encodeURIComponent(b.sae)}&q=${encodeURIComponent("#" + feature)}&limit=1`);
+      if (stale()) return;
+      for (const e of (page.features[0]?.top || []).slice(0, 6)) {
+        if (!e.file) continue;
+        $.topImages.append(el("img", { title: `${e.prompt || ""} (${Number(e.value).toPrecision(3)})`,
+          src: api.apiURL(`/sae_unbox/image?sae=${encodeURIComponent(b.sae)}&file=${encodeURIComponent(e.file)}`) }));
+      }
+      $.topNote.textContent = "from this SAE's features index";
+    } else if (b.released) {
+      $.topNote.textContent = "fetching the paper's top images…";
+      const r = await getJSON(`/sae_unbox/released/top?sae=${encodeURIComponent(b.sae)}&feature=${feature}`);
+      if (stale()) return;
+      if (r.image) {
+        $.released.append(el("img", { "data-testid": "sae-released-image", title: r.source, src: api.apiURL(r.image) }));
+        $.topNote.textContent = `the paper's top images of #${feature}, from ${r.source.replace(/\/resolve\/main\/.*/, "")}`;
+      } else {
+        $.topNote.textContent = r.message;
+      }
+    } else {
+      $.topNote.textContent = "No top images: this SAE has no features index (SAE Train writes one) and is not one of the paper's releases.";
     }
-  } catch {
-    // an SAE without a features index has no dataset images to show
+  } catch (e) {
+    if (!stale()) $.topNote.textContent = String(e.message || e);
   }
 }
 
@@ -253,12 +344,12 @@ async function showTopImages(sae, feature) {
 async function saveLabel() {
   const b = currentBlock();
   if (!b || state.feature === null) return;
+  const feature = state.feature;
   try {
-    const r = await getJSON("/sae_unbox/labels", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sae: b.sae, feature: state.feature, label: $.labelInput.value }) });
-    state.labels[b.sae] = r.labels;
-    setStatus(`label of #${state.feature} saved`);
+    await getJSON("/sae_unbox/labels", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sae: b.sae, feature, label: $.labelInput.value }) });
     await selectBlock(state.block);
+    setStatus($.labelInput.value.trim() ? `label of #${feature} saved` : `label of #${feature} removed`);
   } catch (e) {
     setStatus(String(e.message || e));
   }
@@ -267,10 +358,11 @@ async function saveLabel() {
 function showLabelSearch() {
   const b = currentBlock();
   const q = $.labelSearch.value.trim().toLowerCase();
-  const labels = (b && state.labels[b.sae]) || {};
+  const labels = (b && state.labels[b.sae]?.labels) || {};
   const hits = q ? Object.entries(labels).filter(([, t]) => t.toLowerCase().includes(q)).slice(0, 50) : [];
-  $.labelHits.replaceChildren(...hits.map(([f, t]) => el("button", { "data-testid": `sae-label-hit-${f}`,
-    on: { click: () => selectFeature(Number(f)) } }, `#${f}  ${t}`)));
+  $.labelHits.replaceChildren(...hits.map(([f]) => el("button", { "data-testid": `sae-label-hit-${f}`,
+    on: { click: () => selectFeature(Number(f), true) } }, `#${f} · ${labelText(b.sae, f)}`)));
+  if (q && !hits.length) $.labelHits.append(el("div", { class: "dim", "data-testid": "sae-label-none" }, `no label of ${b?.sae ?? "this SAE"} matches “${q}”`));
 }
 
 async function importLabels() {
@@ -280,12 +372,26 @@ async function importLabels() {
   try {
     const r = await getJSON("/sae_unbox/labels/import", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ sae: b.sae, text: await file.text() }) });
-    setStatus(`imported ${r.imported} labels (${r.labels} in all)`);
     await selectBlock(state.block);
+    setStatus(`imported ${r.imported} labels (${r.labels} in all)`);
   } catch (e) {
     setStatus(String(e.message || e));
   }
   $.labelFile.value = "";
+}
+
+export async function importPaperLabels() {
+  const b = currentBlock();
+  if (!b) return;
+  setStatus(`downloading the paper's labels of ${b.block}…`);
+  try {
+    const r = await getJSON("/sae_unbox/released/labels", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sae: b.sae }) });
+    await selectBlock(state.block);
+    setStatus(`imported ${r.imported} labels of the paper's ${b.block} SAE (${r.labels} in all), from ${r.source}`);
+  } catch (e) {
+    setStatus(String(e.message || e));
+  }
 }
 
 // ---- painting ----
@@ -303,6 +409,12 @@ function clearPaint() {
   const ctx = $.paint.getContext("2d");
   ctx.fillStyle = "#000";
   ctx.fillRect(0, 0, $.paint.width, $.paint.height);
+}
+
+export function hasPaint() {
+  const { data } = $.paint.getContext("2d").getImageData(0, 0, $.paint.width, $.paint.height);
+  for (let i = 0; i < data.length; i += 4) if (data[i] > 0) return true;
+  return false;
 }
 
 function setMode(mode) {
@@ -341,7 +453,7 @@ $.paint.addEventListener("pointerdown", (ev) => {
 $.paint.addEventListener("pointermove", (ev) => { if (state.mode === "paint" && ev.buttons) stroke(ev); });
 $.paint.addEventListener("pointerup", () => { last = null; });
 
-// ---- the graph: where the probed block is sampled ----
+// ---- the graph: where the probed block is sampled, and where new nodes go ----
 
 const widget = (node, name) => node?.widgets?.find((w) => w.name === name);
 const inputNode = (node, name) => { const slot = node.findInputSlot(name); return slot >= 0 ? node.getInputNode(slot) : null; };
@@ -349,6 +461,54 @@ const inputNode = (node, name) => { const slot = node.findInputSlot(name); retur
 function setWidget(node, name, value) {
   const w = widget(node, name);
   if (w) { w.value = value; w.callback?.(value); }
+}
+
+// The steer node the panel made for a feature of a block, and the painting its mask node keeps.
+function steerOf(b, feature) {
+  return app.graph.nodes.find((n) => n.type === STEER && n.properties?.sae_workbench?.block === b.block &&
+    n.properties.sae_workbench.feature === feature && n.properties.sae_workbench.sae === b.sae) || null;
+}
+
+function storedPNG(steer) {
+  const painted = steer ? inputNode(steer, "mask") : null;
+  const png = painted?.type === PAINTED ? widget(painted, "mask")?.value : null;
+  return typeof png === "string" && png.startsWith("data:image/png;base64,") ? png : null;
+}
+
+// Selecting a feature that has a painted steer node shows its painting on the brush canvas (after a reload
+// too); a feature without one leaves the canvas as the user left it.
+function showStoredPainting(b, feature) {
+  const png = storedPNG(steerOf(b, feature));
+  if (!png) return;
+  const img = new Image();
+  img.onload = () => {
+    if (state.feature !== feature) return;
+    clearPaint();
+    $.paint.getContext("2d").drawImage(img, 0, 0, $.paint.width, $.paint.height);
+    $.paint.dataset.shown = `${b.block}#${feature}`;
+  };
+  img.src = png;
+}
+
+function bounds(node) { // [x, y, w, h] with the title bar
+  const title = LiteGraph.NODE_TITLE_HEIGHT || 30;
+  return [node.pos[0], node.pos[1] - title, node.size[0], node.size[1] + title];
+}
+
+const overlaps = (a, b) => a[0] < b[0] + b[2] + GAP && b[0] < a[0] + a[2] + GAP && a[1] < b[1] + b[3] + GAP && b[1] < a[1] + a[3] + GAP;
+
+// The first free place for a w×h box at (x, y) or below it, then further left: never on another node.
+export function freeSpot(w, h, x, y) {
+  const others = app.graph.nodes.map(bounds);
+  const title = LiteGraph.NODE_TITLE_HEIGHT || 30;
+  for (let dx = 0; dx <= 20; dx++) {
+    for (let dy = 0; dy <= 200; dy++) {
+      const box = [x - dx * (w + GAP), y - title + dy * 40, w, h + title];
+      if (!others.some((o) => overlaps(box, o))) return [box[0], box[1] + title];
+    }
+  }
+  const lowest = Math.max(...others.map((o) => o[1] + o[3]));
+  return [x, lowest + GAP + title]; // a graph this crowded: below all of it
 }
 
 // The Probe Block node of `block` with `sae`, its Load SAE node, and the sampler its MODEL reaches.
@@ -370,40 +530,70 @@ function locate(block, sae) {
   return null;
 }
 
-function paintedPNG() {
-  return $.paint.toDataURL("image/png");
+// After Apply, the run that follows is shown beside the image the user painted on.
+function showComparison(run) {
+  const c = state.compare;
+  if (!c || c.run === run.run) return;
+  state.compare = null;
+  $.compare.replaceChildren(
+    el("figure", { style: "margin:0" }, el("img", { src: c.before, "data-testid": "sae-compare-before" }),
+      el("figcaption", { class: "dim" }, "input")),
+    el("figure", { style: "margin:0" }, el("img", { "data-testid": "sae-compare-after",
+      src: api.apiURL(`/sae_unbox/workbench/image?run=${encodeURIComponent(run.run)}&index=0`) }),
+    el("figcaption", { class: "dim" }, `steered: ${c.what}`)));
+}
+
+function snapshot() {
+  const c = document.createElement("canvas");
+  c.width = $.image.naturalWidth || 1;
+  c.height = $.image.naturalHeight || 1;
+  c.getContext("2d").drawImage($.image, 0, 0);
+  return c.toDataURL("image/png");
+}
+
+function newPainted(x, y) {
+  const painted = LiteGraph.createNode(PAINTED);
+  hidePNG(painted);
+  painted.size = [Math.max(painted.size[0], 240), 300];
+  painted.pos = [x, y];
+  return painted;
 }
 
 export async function applyPaint() {
   const b = currentBlock();
   if (!b || state.feature === null) return setStatus("choose a feature first");
+  if (!hasPaint()) return setStatus("Nothing is painted: brush the region the feature should change, then Apply (the graph is unchanged).");
   const where = locate(b.block, b.sae);
   if (!where) return setStatus(`no Probe Block of ${b.block} with SAE ${b.sae} that reaches a sampler in this graph`);
   const { saeNode, sampler } = where;
-  let steer = app.graph.nodes.find((n) => n.type === STEER && n.properties?.sae_workbench?.block === b.block &&
-    n.properties.sae_workbench.feature === state.feature && n.properties.sae_workbench.sae === b.sae);
-  if (!steer) {
+  let steer = steerOf(b, state.feature);
+  if (!steer) { // a steer node and its painted mask side by side, in free space left of the sampler
     steer = LiteGraph.createNode(STEER);
-    steer.pos = [sampler.pos[0] - 360, sampler.pos[1] + 260];
+    const painted = newPainted(0, 0);
+    const width = painted.size[0] + GAP + steer.size[0], height = Math.max(painted.size[1], steer.size[1]);
+    const [x, y] = freeSpot(width, height, sampler.pos[0] - width - 2 * GAP, sampler.pos[1]);
+    painted.pos = [x, y];
+    steer.pos = [x + painted.size[0] + GAP, y];
+    app.graph.add(painted);
     app.graph.add(steer);
-    const modelSlot = sampler.findInputSlot("model");
-    const upstream = sampler.getInputLink(modelSlot);
+    const upstream = sampler.getInputLink(sampler.findInputSlot("model"));
     app.graph.getNodeById(upstream.origin_id).connect(upstream.origin_slot, steer, "model");
     steer.connect(0, sampler, "model");
     saeNode.connect(0, steer, "sae");
+    painted.connect(0, steer, "mask");
     steer.properties = { ...(steer.properties || {}), sae_workbench: { block: b.block, feature: state.feature, sae: b.sae } };
   }
   let painted = inputNode(steer, "mask");
-  if (!painted || painted.type !== PAINTED) {
-    painted = LiteGraph.createNode(PAINTED);
-    hidePNG(painted);
-    painted.pos = [steer.pos[0] - 340, steer.pos[1]];
+  if (!painted || painted.type !== PAINTED) { // the user rewired the mask: a painted mask of its own
+    painted = newPainted(0, 0);
+    painted.pos = freeSpot(painted.size[0], painted.size[1], steer.pos[0] - painted.size[0] - GAP, steer.pos[1]);
     app.graph.add(painted);
     painted.connect(0, steer, "mask");
   }
   setWidget(painted, "width", $.paint.width);
   setWidget(painted, "height", $.paint.height);
-  setWidget(painted, "mask", paintedPNG());
+  setWidget(painted, "mask", $.paint.toDataURL("image/png"));
+  showPaintingOnNode(painted);
   setWidget(steer, "features", String(state.feature));
   setWidget(steer, "strength", Number($.strength.value));
   setWidget(steer, "mode", "add");
@@ -412,6 +602,8 @@ export async function applyPaint() {
   setWidget(steer, "start_percent", Number($.start.value));
   setWidget(steer, "end_percent", Number($.end.value));
   app.graph.setDirtyCanvas(true, true);
+  choose(b.block, state.feature);
+  state.compare = { before: snapshot(), run: state.run, what: `#${state.feature} × ${$.strength.value} on ${b.block}` };
   setStatus(`#${state.feature} painted on ${b.block}; queued`);
   await app.queuePrompt(0, 1);
 }
@@ -462,6 +654,8 @@ export async function featureIcon() {
       apply_to: "cond, uncond zeroed" } };
     output[S].inputs.model = ["sae_icon_steer", 0];
     output.sae_icon_preview = { class_type: "PreviewImage", inputs: { images: [D, 0] } };
+    state.iconFor = state.feature;
+    $.icon.replaceChildren();
     await queue("icon", output, workflow, ["sae_icon_preview"]);
     setStatus(`feature icon of #${state.feature} queued`);
   } catch (e) {
@@ -489,14 +683,16 @@ export async function findFeatures() {
 function showFound(output) {
   const result = JSON.parse(output.text[0]);
   $.found.replaceChildren(...result.features.map((f) => el("button", { "data-testid": `sae-found-${f.feature}`,
-    on: { click: () => selectFeature(f.feature) } },
-    `#${f.feature}  +${f.score.toPrecision(3)}${f.label ? "  " + f.label : ""}`)));
+    title: "how much more the feature fires for the concept than for the neutral prompts (mean activation)",
+    on: { click: () => selectFeature(f.feature, true) } },
+    `#${f.feature} · ${f.score >= 0 ? "+" : ""}${f.score.toPrecision(3)} over neutral${f.label ? " · " + f.label : ""}`)));
+  if (!result.features.length) $.found.append(el("div", { class: "dim" }, "no feature fires more for the concept"));
   setStatus(`features of "${result.concept}" on ${result.block}`);
 }
 
 function showIcon(output) {
   const img = output.images?.[0];
-  if (!img) return;
+  if (!img || state.iconFor !== state.feature) return; // the user has moved on to another feature
   $.icon.replaceChildren(el("img", { "data-testid": "sae-icon-image", src: api.apiURL(
     `/view?filename=${encodeURIComponent(img.filename)}&subfolder=${encodeURIComponent(img.subfolder || "")}&type=${img.type}`) }));
   setStatus(`feature icon of #${state.feature}`);
@@ -509,6 +705,7 @@ api.addEventListener("executed", async ({ detail }) => {
   const done = (show) => { delete state.pending[detail.prompt_id]; return show(detail.output); };
   if (kind === "icon" && detail.node === "sae_icon_preview") return done(showIcon);
   if (kind === "find" && detail.node === "sae_find") return done(showFound);
+  if (kind) return;
   const shown = detail?.output?.sae_workbench;
   if (shown?.length) refreshSoon(shown[0].run);
 });
@@ -520,16 +717,35 @@ function refreshSoon(run) {
   refreshTimer = setTimeout(() => refreshRuns(run).catch((e) => setStatus(String(e.message || e))), 200);
 }
 
-// The painted PNG is kept in a widget of SAE Painted Mask; its base64 text is no use on the canvas.
+// The painted PNG is kept in a widget of SAE Painted Mask; its base64 text is no use on the canvas, the
+// painting itself is: it is the node's preview image.
 function hidePNG(node) {
   const w = widget(node, "mask");
   if (w) { w.hidden = true; w.options = { ...(w.options || {}), hidden: true }; w.computeSize = () => [0, -4]; }
 }
 
+export function showPaintingOnNode(node) {
+  const png = widget(node, "mask")?.value;
+  if (typeof png !== "string" || !png.startsWith("data:image/png;base64,")) return;
+  if (node.imgs?.[0]?.src === png) return;
+  const img = new Image();
+  img.onload = () => node.setDirtyCanvas?.(true, true);
+  img.src = png;
+  node.imgs = [img];
+  node.imageIndex = 0;
+}
+
 app.registerExtension({
   name: "sae_unbox.workbench",
   nodeCreated(node) {
-    if (node.comfyClass === PAINTED) hidePNG(node);
+    if (node.comfyClass !== PAINTED) return;
+    hidePNG(node);
+    const configure = node.onConfigure; // a workflow opened: its widget values are set after nodeCreated
+    node.onConfigure = function () {
+      const r = configure?.apply(this, arguments);
+      showPaintingOnNode(this);
+      return r;
+    };
   },
   async setup() {
     app.extensionManager.registerSidebarTab({

@@ -421,3 +421,213 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
         b.page.get_by_test_id(f"sae-label-hit-{feature}").wait_for(timeout=30_000)
         b.shot("labels")
         b.browser.close()
+
+
+# -- the defects an artist met (issue 15): stacked nodes, lost choices, empty paint, noise; the paper's files --
+
+sys.path.insert(0, str(ROOT / "tests" / "support"))
+from fake_hub import serve as serve_hub  # noqa: E402
+
+HUB_IMAGES = "/surokpro2/sdxl_sae_images/resolve/main/up.0.1"
+HUB_LABELS = "/datasets/hammamiomar/sdxl-turbo-sae-labels/resolve/main/up.0.1.json"
+
+
+def jpeg_bytes(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 32), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hub():
+    """Hugging Face's stand-in: the paper's top images of every up.0.1 feature and its label set."""
+    files = {f"{HUB_IMAGES}/{f}.jpg": jpeg_bytes((f % 256, 80, 160)) for f in range(512)}
+    files[HUB_LABELS] = json.dumps([{"feature_id": f, "label": f"paper label {f}", "category": "style",
+                                     "confidence": 0.8} for f in range(512)]).encode()
+    with serve_hub(files) as url:
+        yield url
+
+
+class Watched(Browser):
+    """A browser page that records the pack's failed requests and every console error."""
+
+    def __init__(self, p, url):
+        self.failed, self.console = [], []
+        super().__init__(p, url)
+
+    def watch(self, page):
+        page.on("response", lambda r: self.failed.append(f"{r.status} {r.url}")
+                if r.status >= 400 and "/sae_unbox/" in r.url else None)
+        page.on("requestfailed", lambda r: self.failed.append(f"failed {r.url}") if "/sae_unbox/" in r.url else None)
+        page.on("console", lambda m: self.console.append(m.text) if m.type == "error" else None)
+
+
+def overlapping(page) -> list:
+    return page.evaluate("""() => {
+        const t = window.LiteGraph.NODE_TITLE_HEIGHT || 30;
+        const boxes = window.app.graph.nodes.map(n => [n.id, n.type, n.pos[0], n.pos[1] - t, n.size[0], n.size[1] + t]);
+        const out = [];
+        for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+            const [, ta, ax, ay, aw, ah] = boxes[i], [, tb, bx, by, bw, bh] = boxes[j];
+            if (ax < bx + bw && bx < ax + aw && ay < by + bh && by < ay + ah) out.push([boxes[i][0], ta, boxes[j][0], tb]);
+        }
+        return out; }""")
+
+
+def paint_square(b: Browser, x0=0.15, x1=0.45):
+    if b.page.get_by_test_id("sae-paint-mode").text_content() != "brush (on)":
+        b.page.get_by_test_id("sae-paint-mode").click()
+    box = b.page.get_by_test_id("sae-paint").bounding_box()
+    b.page.get_by_test_id("sae-brush").fill("100")
+    b.page.mouse.move(box["x"] + box["width"] * x0, box["y"] + box["height"] * x0)
+    b.page.mouse.down()
+    for t in np.linspace(x0, x1, 8):
+        b.page.mouse.move(box["x"] + box["width"] * t, box["y"] + box["height"] * x0)
+        b.page.mouse.move(box["x"] + box["width"] * t, box["y"] + box["height"] * x1)
+    b.page.mouse.up()
+
+
+def chosen(b: Browser) -> tuple:
+    return (b.page.get_by_test_id("sae-block").input_value(), b.page.get_by_test_id("sae-feature-id").input_value())
+
+
+def graph_state(b: Browser) -> str:
+    return b.page.evaluate("() => JSON.stringify(window.app.graph.serialize().nodes.map(n => [n.id, n.type, n.widgets_values]))")
+
+
+def test_the_workbench_places_keeps_refuses_and_fetches_as_an_artist_expects(served, start_comfy_server, hub):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium')")
+    with start_comfy_server(root=served, frontend=True, env={"HF_ENDPOINT": hub}) as server, \
+            sync_api.sync_playwright() as p:
+        b = Watched(p, server.url)
+        b.watch(b.page)
+        b.page.set_viewport_size({"width": 1600, "height": 1000})
+        b.load(explore_workflow())
+        b.open_panel()
+        b.page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+        wait_for_new_run(b, "")
+        # blocks are named by their role (the paper's section 4)
+        options = b.page.locator("[data-testid=sae-block] option").all_text_contents()
+        assert any(o.startswith("up.0.1 — colour and style") for o in options), options
+        assert any(o.startswith("down.2.1 — composition") for o in options), options
+        b.page.get_by_test_id("sae-block").select_option("up.0.1")
+        ranking = b.page.locator("[data-testid=sae-ranking][data-block='up.0.1'] button")
+        b.wait_for(ranking.first, "ranking of up.0.1")
+        assert "mean" in ranking.first.text_content()
+        ids = [int(ranking.nth(i).get_attribute("data-testid").rsplit("-", 1)[1]) for i in range(4)]
+        x = ids[1]
+        b.page.get_by_test_id(f"sae-feature-{x}").click()
+        b.page.wait_for_function(f"() => document.querySelector('[data-testid=sae-overlay]').dataset.feature === '{x}'")
+
+        # -- the paper's top images of the feature (up.0.1 is a paper release without a features index)
+        b.page.get_by_test_id("sae-released-image").wait_for(timeout=60_000)
+        b.page.wait_for_function("() => document.querySelector('[data-testid=sae-released-image]').naturalWidth === 48")
+        assert "surokpro2/sdxl_sae_images" in b.page.get_by_test_id("sae-top-note").text_content()
+        assert (server.sae_dir / ".released" / "surokpro2" / "sdxl_sae_images" / "up.0.1" / f"{x}.jpg").is_file()
+
+        # -- Apply with nothing painted: refused, and nothing changes or runs
+        before, history = graph_state(b), len(requests.get(f"{server.url}/history", timeout=60).json())
+        b.page.get_by_test_id("sae-apply").click()
+        b.wait_for(b.page.get_by_test_id("sae-status").filter(has_text="Nothing is painted"), "empty refusal")
+        time.sleep(1.0)
+        assert graph_state(b) == before
+        assert len(requests.get(f"{server.url}/history", timeout=60).json()) == history
+        assert requests.get(f"{server.url}/queue", timeout=60).json()["queue_pending"] == []
+
+        # -- paint and Apply: the chosen block and feature survive the run; input and output side by side
+        paint_square(b)
+        last = newest_run(b)
+        b.page.get_by_test_id("sae-apply").click()
+        wait_for_new_run(b, last)
+        b.page.get_by_test_id("sae-compare-after").wait_for(timeout=60_000)
+        assert b.page.get_by_test_id("sae-compare-before").get_attribute("src").startswith("data:image/png")
+        b.page.wait_for_function(f"() => document.querySelector('[data-testid=sae-overlay]').dataset.feature === '{x}'")
+        assert chosen(b) == ("up.0.1", str(x))
+        # a new strength for the same feature updates its steer node, it adds none
+        b.page.get_by_test_id("sae-strength").fill("6")
+        last = newest_run(b)
+        b.page.get_by_test_id("sae-apply").click()
+        wait_for_new_run(b, last)
+        steers = b.page.evaluate("""() => window.app.graph.nodes.filter(n => n.type === 'UnboxSteerFeatures')
+            .map(n => [n.properties.sae_workbench.feature, n.widgets.find(w => w.name === 'strength').value])""")
+        assert steers == [[x, 6]]
+
+        # -- two more features stack; no node lies on another, and each painted mask shows its painting
+        for f in (ids[2], ids[3]):
+            b.page.get_by_test_id(f"sae-feature-{f}").click()
+            b.page.wait_for_function(f"() => document.querySelector('[data-testid=sae-overlay]').dataset.feature === '{f}'")
+            last = newest_run(b)
+            b.page.get_by_test_id("sae-apply").click()
+            wait_for_new_run(b, last)
+        wait_idle(server)
+        assert b.page.evaluate("() => window.app.graph.nodes.filter(n => n.type === 'UnboxSteerFeatures').length") == 3
+        assert overlapping(b.page) == []
+        previews = b.page.evaluate("""() => window.app.graph.nodes.filter(n => n.type === 'UnboxPaintedMask')
+            .map(n => n.imgs?.[0]?.src === n.widgets.find(w => w.name === 'mask').value)""")
+        assert previews == [True, True, True]
+        b.shot("stacked")
+
+        # -- a reload keeps the choice; the stored painting of a steered feature is shown again
+        b.page.reload(wait_until="domcontentloaded")
+        b.page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=120_000)
+        b.open_panel()
+        b.page.wait_for_function(f"() => document.querySelector('[data-testid=sae-overlay]').dataset.feature === '{ids[3]}'",
+                                 timeout=60_000)
+        assert chosen(b) == ("up.0.1", str(ids[3]))
+        b.page.get_by_test_id(f"sae-feature-{x}").click()
+        b.page.wait_for_function(f"() => document.querySelector('[data-testid=sae-paint]').dataset.shown === 'up.0.1#{x}'",
+                                 timeout=30_000)
+        assert b.page.evaluate("() => window.app.graph.nodes.length") > 25  # the workflow came back with the reload
+        # cleared and applied: refused, and the stored painting stays
+        stored = b.page.evaluate(f"""() => {{
+            const s = window.app.graph.nodes.find(n => n.type === 'UnboxSteerFeatures' && n.properties.sae_workbench.feature === {x});
+            return s.getInputNode(s.findInputSlot('mask')).widgets.find(w => w.name === 'mask').value; }}""")
+        b.page.get_by_test_id("sae-clear").click()
+        before = graph_state(b)
+        b.page.get_by_test_id("sae-apply").click()
+        b.wait_for(b.page.get_by_test_id("sae-status").filter(has_text="Nothing is painted"), "empty refusal")
+        assert graph_state(b) == before and stored and stored in before
+
+        # -- the paper's label set in one click, with categories beside the labels
+        b.page.get_by_test_id("sae-paper-labels").click()
+        b.wait_for(b.page.get_by_test_id("sae-status").filter(has_text="imported 512 labels"), "paper labels")
+        b.wait_for(b.page.get_by_test_id(f"sae-feature-{x}").filter(has_text=f"paper label {x} [style]"), "category")
+        b.page.get_by_test_id("sae-label-search").fill("no such words")
+        b.page.get_by_test_id("sae-label-none").wait_for(timeout=10_000)
+
+        # -- the image, the feature and Apply stay in view while the lists below are used (1600x1000)
+        b.page.get_by_test_id("sae-paint-mode").click()
+        b.page.get_by_test_id("sae-label-search").fill(f"paper label {x}")
+        hit = b.page.get_by_test_id(f"sae-label-hit-{x}")
+        hit.scroll_into_view_if_needed()
+        hit.click()
+        for testid in ("sae-image", "sae-detail", "sae-apply", "sae-feature-id"):
+            box = b.page.get_by_test_id(testid).bounding_box()
+            assert box and box["y"] >= 0 and box["y"] + min(box["height"], 40) <= 1000, (testid, box)
+        b.shot("layout")
+        assert b.failed == [], b.failed  # no 404/400 from the pack's routes all along
+        b.browser.close()
+
+
+def test_each_example_workflow_opens_without_errors_from_the_pack(served, start_comfy_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium')")
+    with start_comfy_server(root=served, frontend=True) as server, sync_api.sync_playwright() as p:
+        b = Watched(p, server.url)
+        problems = {}
+        for path in sorted((ROOT / "example_workflows").glob("*.json")):
+            page = b.browser.new_page(viewport={"width": 1600, "height": 1000})
+            b.failed, b.console = [], []
+            b.watch(page)
+            page.goto(server.url, wait_until="domcontentloaded")
+            page.wait_for_function("() => window.app && window.app.graph", timeout=120_000)
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", json.loads(path.read_text()))
+            page.wait_for_timeout(2500)  # the labels the steer nodes' tooltips read, and the like
+            if b.failed or b.console:
+                problems[path.name] = b.failed + b.console
+            page.close()
+        assert problems == {}
+        b.browser.close()
