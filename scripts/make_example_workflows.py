@@ -157,6 +157,9 @@ def sample(g: Graph, model, pos, neg, latent, vae, prefix, x, seed=42, seed_link
     return dec
 
 
+TOP_PITCH = 700  # Top Features grows to ~620 units once it shows its ranking
+
+
 def explore() -> dict:
     g = Graph()
     ckpt, pos, neg, latent = base(g, "a photo of a colorful bird sitting on a branch, sunset")
@@ -171,11 +174,12 @@ def explore() -> dict:
     dec = sample(g, model, pos, neg, latent, (ckpt, 2), "sae_explore/image", 800)
     for i, block in enumerate(PAPER_SAES):
         top = g.add("UnboxTopFeatures", [9, block, -1, 0, 3, "inferno", 0.6, "sae_explore/top_features", "cond", 8.0],
-                    (1200, i * 380), title=f"Top features {block}", probe=(probe, 1), image=(dec, 0))
-        g.add("SaveImage", [f"sae_explore/top_{block}"], (1600, i * 380), images=(top, 0))
-    heat = g.add("UnboxFeatureHeatmap", [0, "down.2.1", -1, "inferno", 0.6, "image max", "cond", 8.0], (1200, 1560),
+                    (1200, i * TOP_PITCH), title=f"Top features {block}", probe=(probe, 1), image=(dec, 0))
+        g.add("SaveImage", [f"sae_explore/top_{block}"], (1600, i * TOP_PITCH), images=(top, 0))
+    heat = g.add("UnboxFeatureHeatmap", [0, "down.2.1", -1, "inferno", 0.6, "image max", "cond", 8.0],
+                 (1200, 4 * TOP_PITCH),
                  title="Heatmap of one feature (set its index)", probe=(probe, 1), image=(dec, 0))
-    g.add("SaveImage", ["sae_explore/heatmap"], (1600, 1560), images=(heat, 0))
+    g.add("SaveImage", ["sae_explore/heatmap"], (1600, 4 * TOP_PITCH), images=(heat, 0))
     return g.to_json("Explore: heatmaps and top features of the paper's four blocks",
                      "SDXL Turbo, 1 step. Probes record the SAE codes of down.2.1, mid.0, up.0.0 and up.0.1; "
                      "Top Features ranks each block's features over the image and saves the ranking as JSON.")
@@ -280,9 +284,9 @@ def flux_explore() -> dict:
                                      "cond", 8.0, 1.0], (1200, 0), title="Top features of double.18",
                 probe=(probe, 1), image=(dec, 0))
     g.add("SaveImage", ["sae_flux_explore/top_double.18"], (1600, 0), images=(top, 0))
-    heat = g.add("UnboxFeatureHeatmap", [0, "double.18", -1, "inferno", 0.6, "image max", "cond", 8.0], (1200, 420),
+    heat = g.add("UnboxFeatureHeatmap", [0, "double.18", -1, "inferno", 0.6, "image max", "cond", 8.0], (1200, TOP_PITCH),
                  title="Heatmap of one feature (set its index)", probe=(probe, 1), image=(dec, 0))
-    g.add("SaveImage", ["sae_flux_explore/heatmap"], (1600, 420), images=(heat, 0))
+    g.add("SaveImage", ["sae_flux_explore/heatmap"], (1600, TOP_PITCH), images=(heat, 0))
     return g.to_json("FLUX: top features and heatmaps of the paper's FLUX SAE",
                      "FLUX.1-schnell, 1 step, 1024x1024 (64x64 image tokens). The probe records the codes of the "
                      "paper's FLUX SAE on double-stream block 18's image stream. To leave out always-on features, "
@@ -336,32 +340,27 @@ def painted_disc(size: int) -> str:
 
 
 def workbench() -> dict:
-    """The graph the workbench panel works on, as it leaves it after one Apply: a probe of down.2.1 for the
-    panel's ranking and heatmaps, the steer node the panel added with its painted mask, and a concept search."""
+    """The graph the workbench panel works on, clean: a probe of down.2.1 for the panel's ranking and heatmaps,
+    and a concept search. The panel adds a steer node and its painted mask at the first Apply."""
     g = Graph()
     ckpt, pos, neg, latent = base(g, "a photo of a colorful bird sitting on a branch, sunset")
     sae = g.add("UnboxLoadSAE", [PAPER_SAES["down.2.1"]], (0, 600), title="SAE down.2.1")
     probe = g.add("UnboxProbeBlock", [AUTO, "all", "cond"], (380, 600), title="Probe down.2.1",
                   model=(ckpt, 0), sae=(sae, 0))
-    mask = g.add("UnboxPaintedMask", [512, 512, painted_disc(512)], (0, 800), title="Painted in the panel")
-    steer = g.add("UnboxSteerFeatures", ["0", 4.0, "add", "down.2.1", "mean activation", 0.0, 1.0, "cond"],
-                  (380, 800), title="Painted feature (set by the panel)", model=(probe, 0), sae=(sae, 0),
-                  mask=(mask, 0))
-    steer["properties"]["sae_workbench"] = {"block": "down.2.1", "feature": 0, "sae": PAPER_SAES["down.2.1"]}
-    dec = sample(g, (steer, 0), pos, neg, latent, (ckpt, 2), "sae_workbench/image", 800)
+    dec = sample(g, (probe, 0), pos, neg, latent, (ckpt, 2), "sae_workbench/image", 800)
     top = g.add("UnboxTopFeatures", [9, "down.2.1", -1, 0, 3, "inferno", 0.6, "", "cond", 8.0], (1200, 0),
                 title="Top features (the panel lists them)", probe=(probe, 1), image=(dec, 0))
     g.add("SaveImage", ["sae_workbench/top_down.2.1"], (1600, 0), images=(top, 0))
     find = g.add("UnboxFindFeatures", ["a red bird", "a bird", AUTO, 2, 1, 1.0, "euler_ancestral", "sgm_uniform",
                                        512, 512, 9],
-                 (1200, 420), title="Find features of a concept", model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2),
-                 sae=(sae, 0))
-    g.add("SaveImage", ["sae_workbench/concept"], (1600, 420), images=(find, 1))
+                 (1200, TOP_PITCH), title="Find features of a concept", model=(ckpt, 0), clip=(ckpt, 1),
+                 vae=(ckpt, 2), sae=(sae, 0))
+    g.add("SaveImage", ["sae_workbench/concept"], (1600, TOP_PITCH), images=(find, 1))
     return g.to_json("Workbench: click, paint and find features in the SAE sidebar tab",
                      "Open the SAE tab of the sidebar and run: the panel shows the image and down.2.1's ranked "
                      "features; click one to see its heatmap, brush a region and Apply to paint it (the panel "
-                     "sets the steer node and its painted mask here), or label it. Find Features ranks the "
-                     "features that fire more for 'a red bird' than for 'a bird'.")
+                     "adds a steer node and its painted mask to this graph), or label it. Find Features ranks "
+                     "the features that fire more for 'a red bird' than for 'a bird'.")
 
 
 WORKFLOWS = {

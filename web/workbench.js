@@ -69,13 +69,14 @@ function el(tag, attrs = {}, ...children) {
 const STYLE = `
 .sae-wb { padding: 0 8px 8px; display: flex; flex-direction: column; gap: 6px; font-size: 13px; height: 100%;
   overflow-y: auto; box-sizing: border-box; }
+.sae-wb > *, .sae-wb .top > * { flex-shrink: 0; }
 .sae-wb .top { position: sticky; top: 0; z-index: 2; display: flex; flex-direction: column; gap: 6px; padding-top: 8px;
   padding-bottom: 6px; background: var(--comfy-menu-bg, #353535); border-bottom: 1px solid var(--border-color, #444); }
 .sae-wb select, .sae-wb input, .sae-wb textarea, .sae-wb button { font: inherit; color: inherit;
   background: var(--comfy-input-bg, #222); border: 1px solid var(--border-color, #444); border-radius: 4px; padding: 2px 6px; }
 .sae-wb select { max-width: 100%; }
 .sae-wb .row { display: flex; gap: 6px; align-items: center; flex-wrap: wrap; }
-.sae-wb .stage { position: relative; width: 100%; max-width: 40vh; margin: 0 auto; background: #000; }
+.sae-wb .stage { position: relative; width: 100%; max-width: 36vh; margin: 0 auto; background: #000; }
 .sae-wb .stage img, .sae-wb .stage canvas { position: absolute; inset: 0; width: 100%; height: 100%; }
 .sae-wb .stage img { position: relative; display: block; height: auto; }
 .sae-wb .overlay { image-rendering: pixelated; pointer-events: none; }
@@ -99,7 +100,7 @@ const $ = {};
 const field = (name, node) => ($[name] = node);
 const root = el("div", { class: "sae-wb", "data-testid": "sae-workbench" },
   el("style", {}, STYLE),
-  el("div", { class: "top", "data-testid": "sae-top" },
+  field("top", el("div", { class: "top", "data-testid": "sae-top" },
     el("div", { class: "row" },
       el("label", {}, "run ", field("runSelect", el("select", { "data-testid": "sae-run", title: "The runs the server kept, newest first: when each ran and which blocks it probed",
         on: { change: () => selectRun($.runSelect.value) } }))),
@@ -133,7 +134,7 @@ const root = el("div", { class: "sae-wb", "data-testid": "sae-workbench" },
         " of denoising"),
       el("button", { "data-testid": "sae-apply", title: "Paint the feature into the graph and run it", on: { click: () => applyPaint() } }, "Apply"),
       el("button", { "data-testid": "sae-icon", title: "The paper's feature icon: empty prompt, the block's update replaced by k × mean × the feature", on: { click: () => featureIcon() } }, "feature icon")),
-    field("status", el("div", { class: "dim", "data-testid": "sae-status" }, "Run a graph with SAE Top Features to see its features here."))),
+    field("status", el("div", { class: "dim", "data-testid": "sae-status" }, "Run a graph with SAE Top Features to see its features here.")))),
   field("compare", el("div", { class: "compare", "data-testid": "sae-compare" })),
   field("icon", el("div", { class: "icon", "data-testid": "sae-icon-result" })),
   el("h4", {}, "Top features ", el("span", { class: "dim" }, "(by mean activation over the image)")),
@@ -735,6 +736,18 @@ export function showPaintingOnNode(node) {
   node.imageIndex = 0;
 }
 
+// The panel scrolls by itself, down to the window's bottom, so that its top part (image, feature, Apply) stays
+// in view while the lists under it are scrolled.
+function fitHeight() {
+  requestAnimationFrame(() => {
+    const top = root.getBoundingClientRect().top;
+    if (root.isConnected) root.style.height = `${Math.max(200, window.innerHeight - Math.max(top, 0))}px`;
+  });
+}
+window.addEventListener("resize", fitHeight);
+// What is scrolled into view (a found feature, a label hit) lands below the top part, not under it.
+new ResizeObserver(() => { root.style.scrollPaddingTop = `${$.top.offsetHeight + 8}px`; }).observe($.top);
+
 app.registerExtension({
   name: "sae_unbox.workbench",
   nodeCreated(node) {
@@ -756,6 +769,7 @@ app.registerExtension({
       type: "custom",
       render(container) {
         container.replaceChildren(root);
+        fitHeight();
         refreshRuns().catch((e) => setStatus(String(e.message || e)));
       },
     });

@@ -456,10 +456,18 @@ class Watched(Browser):
         super().__init__(p, url)
 
     def watch(self, page):
+        self.asked = getattr(self, "asked", [])
+        page.on("request", lambda r: self.asked.append(r.url) if "/sae_unbox/" in r.url else None)
         page.on("response", lambda r: self.failed.append(f"{r.status} {r.url}")
                 if r.status >= 400 and "/sae_unbox/" in r.url else None)
         page.on("requestfailed", lambda r: self.failed.append(f"failed {r.url}") if "/sae_unbox/" in r.url else None)
-        page.on("console", lambda m: self.console.append(m.text) if m.type == "error" else None)
+        page.on("console", lambda m: self.console.append(f"{m.text} ({m.location.get('url', '')})")
+                if m.type == "error" and self.from_pack(f"{m.text} {m.location.get('url', '')}") else None)
+
+    @staticmethod
+    def from_pack(text: str) -> bool:
+        """An error the pack caused: one of its routes, or its scripts (served under /extensions/<pack>/)."""
+        return any(mark in text for mark in ("/sae_unbox/", "sae_unbox", "workbench.js", "/extensions/comfyui-sae-unbox/"))
 
 
 def overlapping(page) -> list:
@@ -469,7 +477,7 @@ def overlapping(page) -> list:
         const out = [];
         for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
             const [, ta, ax, ay, aw, ah] = boxes[i], [, tb, bx, by, bw, bh] = boxes[j];
-            if (ax < bx + bw && bx < ax + aw && ay < by + bh && by < ay + ah) out.push([boxes[i][0], ta, boxes[j][0], tb]);
+            if (ax < bx + bw && bx < ax + aw && ay < by + bh && by < ay + ah) out.push([boxes[i], boxes[j]]);
         }
         return out; }""")
 
@@ -630,4 +638,6 @@ def test_each_example_workflow_opens_without_errors_from_the_pack(served, start_
                 problems[path.name] = b.failed + b.console
             page.close()
         assert problems == {}
+        # the pack was asked (the steer nodes' labels of SAEs this server does not have, among them)
+        assert any("/sae_unbox/labels?sae=SAE_flux_18" in u for u in b.asked), b.asked
         b.browser.close()
