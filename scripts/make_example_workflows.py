@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_names import example_path  # noqa: E402
 from model_files import CHECKPOINT_NAME as CHECKPOINT  # noqa: E402
 from model_files import FLUX_SAE_FOLDER, SDXL_BASE_NAME  # noqa: E402
 from model_files import PAPER_SAE_FOLDERS as PAPER_SAES  # noqa: E402
@@ -389,8 +390,8 @@ WORKFLOWS = {
 def main():
     OUT.mkdir(exist_ok=True)
     for name, make in WORKFLOWS.items():
-        (OUT / f"{name}.json").write_text(json.dumps(make(), indent=1) + "\n")
-        print("wrote", OUT / f"{name}.json")
+        example_path(name).write_text(json.dumps(make(), indent=1) + "\n")
+        print("wrote", example_path(name))
 
 
 if __name__ == "__main__":

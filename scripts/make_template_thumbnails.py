@@ -1,105 +1,99 @@
-"""Thumbnails of the example workflows for ComfyUI's Templates dialog (`example_workflows/<name>.jpg`):
-each workflow opened in ComfyUI's own web frontend, fitted to the view, UI chrome hidden, and captured.
+"""Thumbnails of the example workflows for ComfyUI's Templates dialog (`example_workflows/<title>.jpg`): a card
+that a user can tell from the others at a glance: the workflow's title, its key nodes drawn large in the
+order they act, and the result it makes named. (Screenshots of the graphs were near-identical pictures of
+nodes too small to read at the dialog's size.)
 
-    python scripts/make_template_thumbnails.py --server http://127.0.0.1:8188 [--chromium /usr/bin/chromium]
+    python scripts/make_template_thumbnails.py [keys ...]
 
-The server must have this pack installed (its nodes draw the graph). Needs Playwright and a Chromium
-(Debian's `chromium` package; no browser is downloaded). A workflow whose nodes the server lacks is refused.
+Needs Pillow and a TrueType font (DejaVu Sans, Debian's fonts-dejavu-core, or --font).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import io
-import json
-import shutil
 import sys
 from pathlib import Path
 
-PACK = Path(__file__).resolve().parent.parent
-WORKFLOWS = PACK / "example_workflows"
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_names import TITLES, example_path  # noqa: E402
+
 SIZE = (640, 480)
-FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+SDXL, FLUX, DATA = (66, 133, 244), (171, 71, 188), (67, 160, 71)
+# key -> (accent, the key nodes in the order they act, what the workflow makes)
+CARDS = {
+    "explore": (SDXL, ["Load SAE ×4", "Probe Block ×4", "Top Features"], "ranked features + heatmaps of 4 blocks"),
+    "paint": (SDXL, ["Painted Mask", "Steer: add", "KSampler"], "original and painted image"),
+    "feature_icon": (SDXL, ["empty prompt", "Steer: replace", "KSampler"], "the feature drawn on its own"),
+    "ablate": (SDXL, ["Load SAE", "Steer: ablate", "KSampler"], "image without the features"),
+    "reconstruct": (SDXL, ["Load SAE", "Reconstruct Block", "KSampler"], "image through the SAE + its error"),
+    "dump": (DATA, ["Prompt List", "Dump Activations", "Dump Images"], "training shards of 4 blocks"),
+    "train": (DATA, ["dump folder", "SAE Train", "Steer"], "a new SAE file, steered image"),
+    "flux_explore": (FLUX, ["Load SAE (FLUX)", "Probe double.18", "Top Features"], "ranked features + heatmap"),
+    "flux_paint": (FLUX, ["Painted Mask", "Steer: add", "KSampler"], "FLUX image, painted"),
+    "sdxl_base_paint": (SDXL, ["Painted Mask", "Steer: cond +, uncond −", "KSampler cfg 8"], "SDXL base image, painted"),
+    "workbench": (SDXL, ["Probe Block", "SAE tab", "Apply"], "click, paint, find features"),
+}
 
 
-def capture(page, workflow: dict) -> bytes:
-    """PNG of `workflow` as the frontend's canvas draws it (no menus, no minimap), fitted to the page."""
-    missing = page.evaluate(
-        "(types) => types.filter(t => !window.LiteGraph.registered_node_types[t])",
-        sorted({n["type"] for n in workflow["nodes"]}))
-    if missing:
-        raise RuntimeError(f"the server does not know these node types: {', '.join(missing)}")
-    page.evaluate("""async (wf) => {
-        await window.app.loadGraphData(wf, true, false, null,
-                                       { showMissingNodesDialog: false, showMissingModelsDialog: false });
-    }""", workflow)
-    page.wait_for_timeout(300)  # node sizes are known once the graph has been drawn
-    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
-    page.wait_for_timeout(300)
-    data_url = page.evaluate("""() => {
-        const canvas = window.app.canvas;
-        canvas.show_info = false;               // no FPS / node-count text
-        canvas.low_quality_zoom_threshold = 0;  // titles and widgets drawn even when zoomed out
-        canvas.min_font_size_for_lod = 0;
-        canvas.deselectAll?.();
-        canvas.draw(true, true);
-        return canvas.canvas.toDataURL('image/png');
-    }""")
-    return base64.b64decode(data_url.split(",", 1)[1])
+def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size)
 
 
-def to_thumbnail(png: bytes) -> bytes:
-    from PIL import Image, ImageChops
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    return lines + ([line] if line else [])
 
-    img = Image.open(io.BytesIO(png)).convert("RGB")
-    # crop to the drawn graph (what differs from the background colour at the corner), with a margin
-    background = Image.new("RGB", img.size, img.getpixel((0, 0)))
-    box = ImageChops.difference(img, background).convert("L").point(lambda v: 255 if v > 24 else 0).getbbox()
-    if box:
-        m = max(box[2] - box[0], box[3] - box[1]) // 30
-        img = img.crop((max(box[0] - m, 0), max(box[1] - m, 0), min(box[2] + m, img.width), min(box[3] + m, img.height)))
-    framed = Image.new("RGB", _aspect(img.size), img.getpixel((0, 0)))
-    framed.paste(img, ((framed.width - img.width) // 2, (framed.height - img.height) // 2))
-    framed = framed.resize(SIZE, Image.Resampling.LANCZOS)  # the aspect is already SIZE's, up to a pixel
+
+def card(key: str, font_path: str = FONT) -> bytes:
+    """The JPEG thumbnail of example workflow `key`."""
+    accent, nodes, result = CARDS[key]
+    img = Image.new("RGB", SIZE, (30, 32, 38))
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, 0, SIZE[0], 10), fill=accent)
+    title = _font(font_path.replace("DejaVuSans.ttf", "DejaVuSans-Bold.ttf"), 36)
+    y = 30
+    for line in _wrap(d, TITLES[key], title, SIZE[0] - 60)[:3]:
+        d.text((30, y), line, font=title, fill=(240, 240, 240))
+        y += 44
+    node_font = _font(font_path, 24)
+    y = max(y + 20, 190)
+    for i, name in enumerate(nodes):
+        box = (60, y, SIZE[0] - 60, y + 46)
+        d.rounded_rectangle(box, radius=10, fill=(53, 56, 66), outline=accent, width=3)
+        d.text((box[0] + 18, y + 9), name, font=node_font, fill=(235, 235, 235))
+        y += 46
+        if i < len(nodes) - 1:
+            d.polygon(((SIZE[0] // 2 - 9, y + 3), (SIZE[0] // 2 + 9, y + 3), (SIZE[0] // 2, y + 13)), fill=accent)
+            y += 16
+    makes = _font(font_path, 22)
+    d.text((30, SIZE[1] - 42), "→ " + result, font=makes, fill=accent)
     out = io.BytesIO()
-    framed.save(out, format="JPEG", quality=85, optimize=True)
+    img.save(out, format="JPEG", quality=88, optimize=True)
     return out.getvalue()
-
-
-def _aspect(size: tuple[int, int]) -> tuple[int, int]:
-    """The smallest size of SIZE's aspect ratio that holds `size`."""
-    w, h = size
-    if w * SIZE[1] >= h * SIZE[0]:
-        return w, -(-w * SIZE[1] // SIZE[0])
-    return -(-h * SIZE[0] // SIZE[1]), h
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--server", default="http://127.0.0.1:8188", help="a running ComfyUI with the pack")
-    ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
-    ap.add_argument("--out", type=Path, default=WORKFLOWS, help="folder for the .jpg files")
-    ap.add_argument("names", nargs="*", help="workflow names (default: all in example_workflows/)")
+    ap.add_argument("keys", nargs="*", help=f"workflows (default: all): {', '.join(TITLES)}")
+    ap.add_argument("--font", default=FONT, help="a TrueType font (its -Bold variant beside it for titles)")
     args = ap.parse_args(argv)
-    from playwright.sync_api import sync_playwright
-
-    paths = [WORKFLOWS / f"{n}.json" for n in args.names] or sorted(WORKFLOWS.glob("*.json"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=args.chromium, headless=True, args=FLAGS)
-        page = browser.new_page(viewport={"width": SIZE[0] * 2, "height": SIZE[1] * 2})
-        page.goto(args.server, wait_until="domcontentloaded")
-        page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=120_000)
-        for path in paths:
-            jpg = to_thumbnail(capture(page, json.loads(path.read_text())))
-            dst = args.out / f"{path.stem}.jpg"
-            tmp = dst.with_suffix(".jpg.tmp")
-            tmp.write_bytes(jpg)
-            tmp.replace(dst)
-            print(f"wrote {dst} ({len(jpg)} bytes)")
-        browser.close()
+    for key in args.keys or TITLES:
+        dst = example_path(key, ".jpg")
+        tmp = dst.with_suffix(".jpg.tmp")
+        tmp.write_bytes(card(key, args.font))
+        tmp.replace(dst)
+        print(f"wrote {dst}")
     return 0
 
 

@@ -46,7 +46,7 @@ FLUX_SAE_REPO = "antoniomari/SAE_flux_18"
 FLUX_SAE_FILES = ("config.json", "state_dict.pth", "mean.pt")
 
 MODELS = ("sdxl-turbo", "sdxl-base", "flux-schnell")
-WORKFLOW_OF = {"sdxl-turbo": "explore.json", "sdxl-base": "sdxl_base_paint.json", "flux-schnell": "flux_explore.json"}
+WORKFLOW_OF = {"sdxl-turbo": "explore", "sdxl-base": "sdxl_base_paint", "flux-schnell": "flux_explore"}  # keys of example_names
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Queue a dump workflow once per prompt of a text file on one or more running ComfyUI servers.
 
-    python scripts/queue_prompts.py prompts.txt --workflow example_workflows/dump.json \
+    python scripts/queue_prompts.py prompts.txt [--workflow a dump workflow, default: the dump example] \
         --server http://127.0.0.1:8188 [--server http://other:8188 ...] --dump-dir ComfyUI/output/sae_dumps/sdxl_turbo
 
 Line i of the file (blank lines and '#' lines skipped) becomes one prompt with seed `--seed-base + i`: the
@@ -24,6 +24,8 @@ from pathlib import Path
 import requests
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from example_names import example_path  # noqa: E402
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from workflow_api import ui_to_api  # noqa: E402
@@ -88,7 +90,7 @@ class Server:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompts", help="text file, one prompt a line")
-    ap.add_argument("--workflow", default=str(HERE.parent / "example_workflows" / "dump.json"))
+    ap.add_argument("--workflow", default=str(example_path("dump")))
     ap.add_argument("--server", action="append", help="ComfyUI server URL (repeat for several)")
     ap.add_argument("--dump-dir", help="the dump folder, to skip prompts already dumped")
     ap.add_argument("--seed-base", type=int, default=0)

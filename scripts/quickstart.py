@@ -2,7 +2,7 @@
 
 Run it where ComfyUI Manager or `git clone` put the pack (`ComfyUI/custom_nodes/<pack>`):
 
-    python scripts/quickstart.py                 # starts ComfyUI, runs example_workflows/explore.json
+    python scripts/quickstart.py                 # starts ComfyUI, runs the explore example workflow
     python scripts/quickstart.py --download      # first fetch the missing model files (resumable, verified)
     python scripts/quickstart.py --model flux-schnell --download   # FLUX.1-schnell and the paper's FLUX SAE
     python scripts/quickstart.py --server http://127.0.0.1:8188   # use a ComfyUI that is already running
@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE))
 from model_files import (  # noqa: E402
     CHECKPOINT_URL, HF, MODELS, SAE_BASE_URL, WORKFLOW_OF, DownloadError, download, missing_files, required_files,
 )
+from example_names import example_path  # noqa: E402
 from workflow_api import ui_to_api  # noqa: E402
 
 
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
                 print("error: ComfyUI not found; pass --comfyui PATH or --server URL", file=sys.stderr)
                 return 2
             proc, server = start_server(comfyui, args.comfy_args)
-        workflow = json.loads(Path(args.workflow or PACK / "example_workflows" / WORKFLOW_OF[args.model]).read_text())
+        workflow = json.loads(Path(args.workflow or example_path(WORKFLOW_OF[args.model])).read_text())
         entry = run_workflow(server.rstrip("/"), workflow, prompt_text=args.prompt)
         files = output_files(entry)
         print(f"done: {len(files)} images in ComfyUI's output folder")

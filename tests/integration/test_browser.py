@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
+from example_names import TITLES, example_path  # noqa: E402
 from model_files import PAPER_SAE_FOLDERS  # noqa: E402
 from paper_release import write_paper_release  # noqa: E402
 
@@ -55,12 +56,12 @@ def test_templates_dialog_opens_the_packs_example(page):
     page.evaluate("async () => { await window.app.graph.clear(); }")
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     page.get_by_text("comfyui-sae-unbox", exact=True).first.click()
-    cards = {name: page.get_by_test_id(f"template-workflow-{name}")
-             for name in ("explore", "paint", "feature_icon", "ablate", "reconstruct", "flux_explore",
-                          "flux_paint", "sdxl_base_paint")}
+    cards = {key: page.get_by_test_id(f"template-workflow-{title}") for key, title in TITLES.items()}
     for card in cards.values():
         card.wait_for(timeout=30_000)
-    # the thumbnails (example_workflows/<name>.jpg) are shown on the cards
+    # each card shows its title (the file name: what the workflow does) and its thumbnail
+    for key, card in cards.items():
+        assert TITLES[key] in card.text_content()
     for name, card in cards.items():
         card.scroll_into_view_if_needed()
         card.locator("img").first.wait_for(timeout=30_000)
@@ -74,7 +75,7 @@ def test_templates_dialog_opens_the_packs_example(page):
 
 
 def test_workflow_runs_from_the_ui_and_shows_the_ranking(page, tmp_path):
-    wf = json.loads((ROOT / "example_workflows" / "explore.json").read_text())
+    wf = json.loads(example_path("explore").read_text())
     for node in wf["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":  # SDXL Turbo's weights are not available here
             node["type"], node["widgets_values"] = "TinySDXLCheckpointLoader", ["tiny", 0]

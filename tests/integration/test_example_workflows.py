@@ -20,6 +20,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 from model_files import PAPER_SAE_FOLDERS  # noqa: E402
+from example_names import TITLES, example_path  # noqa: E402
 from workflow_api import ui_to_api  # noqa: E402
 
 from model_files import FLUX_SAE_FOLDER  # noqa: E402
@@ -89,14 +90,15 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
-NAMES = {"explore", "paint", "feature_icon", "ablate", "reconstruct", "dump", "train", "flux_explore", "flux_paint",
-         "sdxl_base_paint", "workbench"}
+NAMES = set(TITLES)  # the workflows by their keys (scripts/example_names.py names their files)
 DUMP = "sae_dumps/sdxl_turbo"  # the dump workflow's folder, under the output folder
 PROMPTS = ["a red bicycle leaning on a wall", "a bowl of ramen, top view", "a snowy mountain at dusk"]
 
 
 def test_every_example_workflow_is_covered():
-    assert {p.stem for p in WORKFLOWS} == NAMES
+    assert {p.name for p in WORKFLOWS} == {example_path(key).name for key in NAMES}
+    # each has its thumbnail for the Templates dialog
+    assert all(example_path(key, ".jpg").is_file() for key in NAMES)
 
 
 def dump_records(server) -> list[dict]:
@@ -106,7 +108,7 @@ def dump_records(server) -> list[dict]:
 
 def queue_prompts(server, prompt_file: Path) -> subprocess.CompletedProcess:
     """scripts/queue_prompts.py over a prompt file, with the dump workflow (tiny model swapped in)."""
-    wf = swap_loader(ui_to_api(json.loads((ROOT / "example_workflows" / "dump.json").read_text()),
+    wf = swap_loader(ui_to_api(json.loads(example_path("dump").read_text()),
                                server.object_info()))
     api_file = prompt_file.with_suffix(".api.json")
     api_file.write_text(json.dumps(wf))
@@ -135,14 +137,14 @@ def test_sae_folders_are_listed_by_load_sae(server):
 def run(server, name: str, **text) -> tuple[dict, dict[str, Path]]:
     """Run example workflow `name` through the server: its history entry and its saved images by prefix
     (`<subfolder>/<file prefix>`)."""
-    entry = server.run(to_api(server, ROOT / "example_workflows" / f"{name}.json", **text), timeout=600)
+    entry = server.run(to_api(server, example_path(name), **text), timeout=600)
     files = [f for fs in saved(server, entry).values() for f in fs]
     assert files and all(f.is_file() for f in files)
     return entry, {f.parent.name + "/" + f.name.split("_0")[0]: f for f in files}
 
 
 def test_every_example_workflow_has_its_own_test():
-    assert all(callable(globals().get(f"test_{p.stem}_workflow")) for p in WORKFLOWS)
+    assert all(callable(globals().get(f"test_{key}_workflow")) for key in NAMES)
 
 
 def test_explore_workflow(server):
@@ -168,7 +170,7 @@ def test_paint_workflow(server):
 
 def test_feature_icon_workflow(server):
     _, icon = run(server, "feature_icon")
-    api = to_api(server, ROOT / "example_workflows" / "feature_icon.json")
+    api = to_api(server, example_path("feature_icon"))
     (steer,) = [n for n in api.values() if n["class_type"] == "UnboxSteerFeatures"]
     steer["inputs"]["features"] = "1"  # another feature: another icon
     other = server.run(api, timeout=600)
@@ -178,7 +180,7 @@ def test_feature_icon_workflow(server):
 
 def firing_features(server, block: str, prompt: str, n: int = 2) -> list[int]:
     """The top features of `block` for `prompt`, from the explore workflow's ranking."""
-    entry = server.run(to_api(server, ROOT / "example_workflows" / "explore.json", prompt=prompt), timeout=600)
+    entry = server.run(to_api(server, example_path("explore"), prompt=prompt), timeout=600)
     for out in entry["outputs"].values():
         for text in out.get("text", []):
             ranking = json.loads(text) if text.startswith("{") else {}
@@ -190,7 +192,7 @@ def firing_features(server, block: str, prompt: str, n: int = 2) -> list[int]:
 def test_ablate_workflow(server):
     prompt = "a red sports car on a mountain road, dramatic sky"
     _, images = run(server, "ablate")  # as shipped: features 0 and 1
-    api = to_api(server, ROOT / "example_workflows" / "ablate.json")
+    api = to_api(server, example_path("ablate"))
     (steer,) = [n for n in api.values() if n["class_type"] == "UnboxSteerFeatures"]
     steer["inputs"]["features"] = ", ".join(map(str, firing_features(server, "up.0.1", prompt)))
     entry = server.run(api, timeout=600)
@@ -224,7 +226,7 @@ def test_flux_paint_workflow(server):
 
 def test_sdxl_base_paint_workflow(server):
     entry, images = run(server, "sdxl_base_paint")
-    api = to_api(server, ROOT / "example_workflows" / "sdxl_base_paint.json")
+    api = to_api(server, example_path("sdxl_base_paint"))
     (steer,) = [n for n in api.values() if n["class_type"] == "UnboxSteerFeatures"]
     assert steer["inputs"]["apply_to"] == "cond +, uncond -"
     assert {n["inputs"]["steps"] for n in api.values() if n["class_type"] == "KSampler"} == {25}
@@ -244,18 +246,16 @@ def test_workbench_workflow(server):
     assert found["block"] == "down.2.1" and found["concept"] == "a red bird" and found["features"]
     scores = [f["score"] for f in found["features"]]
     assert scores == sorted(scores, reverse=True)
-    # the painted disc steers: the same graph with an empty painting gives another image
-    api = to_api(server, ROOT / "example_workflows" / "workbench.json")
-    (mask,) = [n for n in api.values() if n["class_type"] == "UnboxPaintedMask"]
-    assert mask["inputs"]["mask"].startswith("data:image/png;base64,")
-    mask["inputs"]["mask"] = ""
-    unpainted = saved(server, server.run(api, timeout=600))
-    (plain,) = [f for fs in unpainted.values() for f in fs if f.name.startswith("image_")]
-    assert np.abs(pixels(images["sae_workbench/image"]) - pixels(plain)).max() > 0
+    # it starts clean: the user's first image is not steered (the panel adds steer nodes at Apply)
+    api = to_api(server, example_path("workbench"))
+    types = {n["class_type"] for n in api.values()}
+    assert "UnboxSteerFeatures" not in types and "UnboxPaintedMask" not in types
+    (sampler,) = [n for n in api.values() if n["class_type"] == "KSampler"]
+    assert api[sampler["inputs"]["model"][0]]["class_type"] == "UnboxProbeBlock"
 
 
 def test_dump_workflow(server):
-    server.run(to_api(server, ROOT / "example_workflows" / "dump.json"), timeout=600)
+    server.run(to_api(server, example_path("dump")), timeout=600)
     rec = [r for r in dump_records(server) if r["seed"] == 0]
     assert rec and rec[0]["prompt"] == "a photo of a cat sleeping on a sofa"
     assert (server.output_dir / DUMP / rec[0]["file"]).is_file()
@@ -288,7 +288,7 @@ def test_queue_prompts_dumps_each_prompt_once_and_resumes(server, dumped):
 
 
 def test_caching_and_new_prompt(server):
-    path = ROOT / "example_workflows" / "explore.json"
+    path = example_path("explore")
     first = server.run(to_api(server, path, prompt="a red apple"), timeout=600)
     again = server.run(to_api(server, path, prompt="a red apple"), timeout=600)
     (cached,) = [m[1]["nodes"] for m in again["status"]["messages"] if m[0] == "execution_cached"]
@@ -314,7 +314,7 @@ def test_templates_are_listed_and_served(server):
 
 
 def test_quickstart_runs_the_explore_workflow(server, tmp_path):
-    wf = json.loads((ROOT / "example_workflows" / "explore.json").read_text())
+    wf = json.loads(example_path("explore").read_text())
     for node in wf["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
             node["type"], node["widgets_values"] = "TinySDXLCheckpointLoader", ["tiny", 0]
@@ -329,7 +329,7 @@ def test_quickstart_runs_the_explore_workflow(server, tmp_path):
 
 
 def test_quickstart_runs_the_flux_workflow(server, tmp_path):
-    wf = json.loads((ROOT / "example_workflows" / "flux_explore.json").read_text())
+    wf = json.loads(example_path("flux_explore").read_text())
     widgets = {"UNETLoader": ["tiny", 0, "schnell"], "DualCLIPLoader": [0], "VAELoader": [0]}
     for node in wf["nodes"]:
         if node["type"] in widgets:

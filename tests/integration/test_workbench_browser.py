@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 from model_files import PAPER_SAE_FOLDERS  # noqa: E402
 from paper_release import write_paper_release  # noqa: E402
+from example_names import example_path  # noqa: E402
 from workflow_api import ui_to_api  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -81,7 +82,7 @@ def planted_sae(tiny, comfy_pack, folder: Path):
 
 
 def explore_workflow() -> dict:
-    wf = json.loads((ROOT / "example_workflows" / "explore.json").read_text())
+    wf = json.loads(example_path("explore").read_text())
     for node in wf["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
             node["type"], node["widgets_values"] = "TinySDXLCheckpointLoader", ["tiny", 0]
