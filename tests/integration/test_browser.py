@@ -16,6 +16,7 @@ from example_names import TITLES, example_path  # noqa: E402
 from model_files import PAPER_SAE_FOLDERS  # noqa: E402
 from paper_release import write_paper_release  # noqa: E402
 
+ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots (git ignores them)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
@@ -67,6 +68,9 @@ def test_templates_dialog_opens_the_packs_example(page):
         card.locator("img").first.wait_for(timeout=30_000)
         page.wait_for_function("(el) => el.complete && el.naturalWidth === 640",
                                arg=card.locator("img").first.element_handle(), timeout=30_000)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    next(iter(cards.values())).scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "templates.png"))
     cards["explore"].click()
     page.wait_for_function("() => window.app.graph._nodes.some(n => n.type === 'UnboxTopFeatures')", timeout=30_000)
     types = page.evaluate("() => window.app.graph._nodes.map(n => n.type)")

@@ -301,16 +301,18 @@ def test_caching_and_new_prompt(server):
 def test_templates_are_listed_and_served(server):
     import requests
 
+    from urllib.parse import quote
+
     listing = requests.get(f"{server.url}/workflow_templates", timeout=30).json()
-    (pack, names), = [(k, v) for k, v in listing.items() if set(v) >= {"explore"}]
-    assert set(names) == NAMES
-    wf = requests.get(f"{server.url}/api/workflow_templates/{pack}/explore.json", timeout=30).json()
+    (pack, names), = [(k, v) for k, v in listing.items() if TITLES["explore"] in v]
+    assert set(names) == set(TITLES.values())  # the dialog's titles: the files' names
+    wf = requests.get(f"{server.url}/api/workflow_templates/{pack}/{quote(TITLES['explore'])}.json", timeout=30).json()
     assert wf["nodes"] and wf["links"]
     # each has the thumbnail the Templates dialog shows (scripts/make_template_thumbnails.py)
-    for name in NAMES:
-        r = requests.get(f"{server.url}/api/workflow_templates/{pack}/{name}.jpg", timeout=30)
-        assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg", name
-        assert Image.open(io.BytesIO(r.content)).size == (640, 480), name
+    for title in TITLES.values():
+        r = requests.get(f"{server.url}/api/workflow_templates/{pack}/{quote(title)}.jpg", timeout=30)
+        assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg", title
+        assert Image.open(io.BytesIO(r.content)).size == (640, 480), title
 
 
 def test_quickstart_runs_the_explore_workflow(server, tmp_path):

@@ -401,6 +401,7 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
         found = b.page.get_by_test_id("sae-found").locator("button").first
         found.wait_for(timeout=300_000)
         assert found.get_attribute("data-testid") == f"sae-found-{PLANTED_FEATURE}"
+        found.scroll_into_view_if_needed()
         b.shot("found")
         assert not [e for e in b.errors if "sae_unbox" in e or "workbench" in e]
         assert b.page.get_by_text("Invalid workflow").count() == 0  # the saved workflow reopened cleanly
