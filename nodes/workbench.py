@@ -31,6 +31,7 @@ from aiohttp import web
 from PIL import Image
 
 from ..sae_models.blocks import find_block
+from ..sae_models.errors import SAEError
 from ..sae_models.labels import LabelError, import_label_set, read_categories, read_labels, set_label
 from ..sae_models.releases import recognise
 from ..sae_models.stats import features_index_path
@@ -93,6 +94,11 @@ def _sources(sae: str) -> dict:
     except NodeInputError:
         return {"index": False, "released": False, "label_set": False}
     release = recognise(sae)
+    try:
+        if release is not None and sae_header(path)[0].block != release.block:
+            release = None  # named like a release folder, but an SAE of another block
+    except SAEError:
+        release = None
     return {"index": os.path.isfile(features_index_path(path)), "released": release is not None,
             "label_set": release is not None and release.label_set is not None}
 

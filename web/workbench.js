@@ -326,7 +326,9 @@ async function showTopImages(b, feature) {
       $.topNote.textContent = "fetching the paper's top images…";
       const r = await getJSON(`/sae_unbox/released/top?sae=${encodeURIComponent(b.sae)}&feature=${feature}`);
       if (stale()) return;
-      if (r.image) {
+      if (!r.released) {
+        $.topNote.textContent = "No top images: this SAE has no features index and is not one of the paper's releases.";
+      } else if (r.image) {
         $.released.append(el("img", { "data-testid": "sae-released-image", title: r.source, src: api.apiURL(r.image) }));
         $.topNote.textContent = `the paper's top images of #${feature}, from ${r.source.replace(/\/resolve\/main\/.*/, "")}`;
       } else {
