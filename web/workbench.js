@@ -307,11 +307,14 @@ function drawHeat(heat) {
 
 // A feature's top images: from the SAE's own features index where it has one, else the paper's published
 // images where the SAE is one of its releases; the panel asks only for what the run says exists.
+let topImagesCall = 0;
 async function showTopImages(b, feature) {
   $.topImages.replaceChildren();
   $.released.replaceChildren();
   $.topNote.textContent = "";
-  const stale = () => state.feature !== feature || currentBlock() !== b;
+  // a later call (another feature, or the same one again after a run) supersedes this one
+  const call = ++topImagesCall;
+  const stale = () => call !== topImagesCall || state.feature !== feature || currentBlock() !== b;
   try {
     if (b.index) {
       const page = await getJSON(`/sae_unbox/features?sae=${encodeURIComponent(b.sae)}&q=${encodeURIComponent("#" + feature)}&limit=1`);
@@ -329,7 +332,7 @@ async function showTopImages(b, feature) {
       if (!r.released) {
         $.topNote.textContent = "No top images: this SAE has no features index and is not one of the paper's releases.";
       } else if (r.image) {
-        $.released.append(el("img", { "data-testid": "sae-released-image", title: r.source, src: api.apiURL(r.image) }));
+        $.released.replaceChildren(el("img", { "data-testid": "sae-released-image", title: r.source, src: api.apiURL(r.image) }));
         $.topNote.textContent = `the paper's top images of #${feature}, from ${r.source.replace(/\/resolve\/main\/.*/, "")}`;
       } else {
         $.topNote.textContent = r.message;

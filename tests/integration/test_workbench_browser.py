@@ -382,6 +382,7 @@ def test_the_workbench_explores_paints_labels_and_finds(served, start_comfy_serv
         # -- feature icon of the selected feature: from the probed MODEL, without the two painted steers upstream
         b.page.get_by_test_id("sae-icon").click()
         b.page.get_by_test_id("sae-icon-image").wait_for(timeout=300_000)
+        wait_idle(server)  # the image shows before the server files the prompt in /history
         history = requests.get(f"{server.url}/history", timeout=60).json()
         graph = next(e["prompt"][2] for e in history.values() if "sae_icon_steer" in e["prompt"][2])
         icon = graph["sae_icon_steer"]["inputs"]
@@ -538,6 +539,7 @@ def test_the_workbench_places_keeps_refuses_and_fetches_as_an_artist_expects(ser
         assert (server.sae_dir / ".released" / "surokpro2" / "sdxl_sae_images" / "up.0.1" / f"{x}.jpg").is_file()
 
         # -- Apply with nothing painted: refused, and nothing changes or runs
+        wait_idle(server)  # the first run shows in the panel before the server files it in /history
         before, history = graph_state(b), len(requests.get(f"{server.url}/history", timeout=60).json())
         b.page.get_by_test_id("sae-apply").click()
         b.wait_for(b.page.get_by_test_id("sae-status").filter(has_text="Nothing is painted"), "empty refusal")
