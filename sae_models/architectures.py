@@ -224,6 +224,15 @@ class BatchTopKSAE(SparseAutoencoder):
         return torch.zeros_like(flat).scatter_(0, idx, values).view_as(post)
 
 
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka SAEs";
+    Nabeshima 2024): trained so that each nested prefix of the dictionary (`hyperparameters
+    ["matryoshka_widths"]`) reconstructs on its own, the earlier latents taking the general concepts.
+    At inference it is a BatchTopK SAE (one threshold); features are ordered from general to specific."""
+
+    architecture = "matryoshka_batchtopk"
+
+
 class JumpReLUSAE(SparseAutoencoder):
     """JumpReLU (Rajamanoharan et al. 2024): `z = ReLU(pre) * (pre > threshold_f)`, one threshold per feature."""
 
@@ -248,7 +257,7 @@ class ReLUSAE(SparseAutoencoder):
 
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
-    cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE)
+    cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE, JumpReLUSAE, ReLUSAE)
 }
 
 

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-ARCHITECTURES = ("topk", "batchtopk")
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+STEP_PATHS = ("auto", "cpu", "gpu")
+MATMUL_PRECISIONS = ("fp32", "tf32")
+
+
+def default_matryoshka_widths(n_features: int) -> tuple[int, ...]:
+    """Nested prefixes doubling up to the whole dictionary: n/16, n/8, n/4, n/2, n (fewer for small n)."""
+    widths = sorted({max(1, n_features >> s) for s in range(4, -1, -1)})
+    return tuple(widths)
 
 
 @dataclass
@@ -26,7 +34,17 @@ class TrainConfig:
       else the rows already consumed are skipped on resume). Its contents load with
       `torch.load(weights_only=True)`.
     - `eval_every`: steps between evaluations of `eval_batches` (and one at the end).
-    - `log_every`: steps between calls of `callback` with the training metrics.
+    - `log_every`: steps between calls of `callback` with the training metrics. On the GPU path the host
+      reads values back from the device only at these steps (and the dead-latent candidates are renewed
+      there); 0 = no callback, bookkeeping every 100 steps.
+    - `matryoshka_widths` (matryoshka_batchtopk): the nested prefixes of the dictionary, increasing, the
+      last one `n_features`; each prefix is trained to reconstruct on its own (Bussmann et al. 2025).
+      None = `default_matryoshka_widths(n_features)`.
+    - `step_path`: `cpu` (sorted sparse products in cache-sized chunks, fast on a CPU), `gpu` (fixed-shape
+      pair products and dense AuxK over the latents that can be dead: few large kernels, no host sync
+      between log steps), `auto` = `gpu` on a CUDA device. Both compute the same step.
+    - `matmul`: `fp32` (the paper's recipe) or `tf32` (CUDA's TensorFloat-32 for the float32 matrix
+      products: faster, slightly less exact; see the held-out FVU).
     """
 
     n_features: int = 5120
@@ -53,10 +71,26 @@ class TrainConfig:
     resume: bool = True
     eval_every: int | None = None
     log_every: int = 100
+    matryoshka_widths: tuple[int, ...] | None = None
+    step_path: str = "auto"
+    matmul: str = "fp32"
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be 'topk' or 'batchtopk', not {self.architecture!r}")
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, not {self.architecture!r}")
+        if self.step_path not in STEP_PATHS:
+            raise ValueError(f"step_path must be one of {', '.join(STEP_PATHS)}, not {self.step_path!r}")
+        if self.matmul not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul must be one of {', '.join(MATMUL_PRECISIONS)}, not {self.matmul!r}")
         if self.batch_size < 1 or self.k < 1 or self.k > self.n_features:
             raise ValueError(f"need batch_size >= 1 and 1 <= k <= n_features "
                              f"(got {self.batch_size}, {self.k}, {self.n_features})")
+        if self.architecture == "matryoshka_batchtopk":
+            widths = tuple(int(w) for w in (self.matryoshka_widths or default_matryoshka_widths(self.n_features)))
+            if (not widths or widths[-1] != self.n_features or widths[0] < 1
+                    or any(a >= b for a, b in zip(widths, widths[1:]))):
+                raise ValueError(f"matryoshka_widths must increase strictly from >= 1 up to n_features="
+                                 f"{self.n_features}, got {list(widths)}")
+            self.matryoshka_widths = widths
+        elif self.matryoshka_widths is not None:
+            raise ValueError("matryoshka_widths is an option of the matryoshka_batchtopk architecture only")

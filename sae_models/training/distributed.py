@@ -81,7 +81,7 @@ def global_centered_sq(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over the global batch of `||t_b - mean_b(t)||^2` (mean over all ranks' rows), and the global row
     count. No grad."""
     with torch.no_grad():
-        s = torch.cat([t.sum(0), t.new_tensor([t.shape[0]])])
+        s = torch.cat([t.sum(0), t.new_full((1,), t.shape[0])])  # no host-to-device copy
         all_reduce(s)
         mu = s[:-1] / s[-1]
         ss = (t - mu).pow(2).sum().reshape(1)

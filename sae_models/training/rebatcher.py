@@ -15,7 +15,7 @@ class Rebatcher:
     def __init__(self, source: Iterable, device, dtype):
         self.source = source
         self.stateful = hasattr(source, "state_dict") and hasattr(source, "load_state_dict")
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype = torch.device(device), dtype
         self.d_in: int | None = None  # set by `start` (from the data) or `resume`
         self.rows_consumed = 0
         self.exhausted = False
@@ -83,6 +83,9 @@ class Rebatcher:
         out, rest = rows[:n], rows[n:]
         self._pending = [rest] if rest.shape[0] else []
         self._n_pending = rest.shape[0]
+        if out.device.type == "cpu" and self.device.type == "cuda":
+            # from pageable memory a copy to the GPU waits for the GPU's queue; from pinned memory it does not
+            out = out.to(dtype=self.dtype).pin_memory()
         return out.to(self.device, self.dtype, non_blocking=True)
 
     # -- internals ---------------------------------------------------------------------------------

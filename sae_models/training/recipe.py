@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .pair_ops import dense_subset_decode, pair_decode
 from .sparse_ops import encoder_values, sparse_decode
 
 FIRE_THRESHOLD = 1e-3  # a top-k pre-activation above this counts as firing (paper's `vals > 1e-3`)
@@ -117,21 +118,57 @@ def project_decoder_grad_(W_dec: torch.Tensor, grad: torch.Tensor) -> None:
 
 class TrainingLoss(nn.Module):
     """The forward half of a training step: the latent selection (top k per vector, or the batch top k of
-    BatchTopK), the dead-latent counters and the AuxK selection, and the loss. A module so that
-    DistributedDataParallel can wrap it.
+    BatchTopK and Matryoshka), the dead-latent counters and the AuxK selection, and the loss. A module so
+    that DistributedDataParallel can wrap it.
 
     `stats_last_nonzero[f]` counts the steps since latent f last fired (updated in place by each forward);
-    after a BatchTopK forward, `batch_min` is the smallest activation the batch top k kept."""
+    after a BatchTopK forward, `batch_min` is the smallest positive activation the batch top k kept (0 if
+    none). `widths`: Matryoshka's nested prefixes (the last = n_features), each adding its own MSE term.
+
+    Two paths compute the same step: `gpu` (fixed-shape pair products, `pair_ops`; no value is read back
+    to the host except when `refresh_candidates` renews the latents that can be dead) and `cpu` (sorted
+    sparse products, `sparse_ops`)."""
 
     def __init__(self, sae, *, auxk: int | None, auxk_coef: float, mse_scale: float, dead_steps_threshold: int,
-                 stats_last_nonzero: torch.Tensor):
+                 stats_last_nonzero: torch.Tensor, widths: tuple[int, ...] | None = None, path: str = "cpu",
+                 refresh_every: int = 100):
         super().__init__()
         self.sae = sae
         self.auxk, self.auxk_coef, self.mse_scale = auxk, auxk_coef, mse_scale
         self.dead_steps_threshold = dead_steps_threshold
         self.stats_last_nonzero = stats_last_nonzero
+        self.widths = tuple(widths) if widths and len(widths) > 1 else None
+        self.path, self.refresh_every = path, max(1, refresh_every)
         self.batch_min = None
+        self.candidates: torch.Tensor | None = None
+        self._candidate_steps_left = 0
+        self._rows: dict = {}
+        self._bounds = None
 
+    # -- selection (both paths) --------------------------------------------------------------------
+    @torch.no_grad()
+    def _dead(self, latents: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Count this step's firing latents (over all ranks) into the counters; the dead mask after it."""
+        fired = torch.zeros(self.sae.n_features, dtype=torch.long, device=values.device)
+        fired.index_add_(0, latents, (values > FIRE_THRESHOLD).long())
+        distributed.all_reduce(fired)
+        self.stats_last_nonzero.mul_((fired == 0).long()).add_(1)
+        return self.stats_last_nonzero > self.dead_steps_threshold
+
+    def _mse_terms(self, x: torch.Tensor, inner: list[torch.Tensor]) -> torch.Tensor:
+        """Matryoshka: the MSE of each inner prefix's reconstruction, summed (scaled as the main MSE)."""
+        return sum((r - x).pow(2).mean() for r in inner) * self.mse_scale
+
+    def forward(self, x: torch.Tensor):
+        return self._forward_gpu(x) if self.path == "gpu" else self._forward_cpu(x)
+
+    def _aux_loss(self, x, x_hat, aux_hat):
+        target = x - x_hat.detach() + self.sae.b_dec.detach()
+        ss, count = distributed.global_centered_sq(target)
+        denom = ss / (count * x.shape[1])
+        return self.auxk_coef * ((aux_hat - target).pow(2).mean() / denom).nan_to_num(0)
+
+    # -- the CPU path ------------------------------------------------------------------------------
     @torch.no_grad()
     def _select(self, pre: torch.Tensor):
         """The kept (row, latent, pre-activation) triples, rows ascending."""
@@ -145,15 +182,6 @@ class TrainingLoss(nn.Module):
         return flat // sae.n_features, flat % sae.n_features, v
 
     @torch.no_grad()
-    def _dead(self, latents: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Count this step's firing latents (over all ranks) into the counters; the dead mask after it."""
-        fired = torch.zeros(self.sae.n_features, dtype=torch.long, device=values.device)
-        fired.index_add_(0, latents, (values > FIRE_THRESHOLD).long())
-        distributed.all_reduce(fired)
-        self.stats_last_nonzero.mul_((fired == 0).long()).add_(1)
-        return self.stats_last_nonzero > self.dead_steps_threshold
-
-    @torch.no_grad()
     def _select_auxk(self, pre: torch.Tensor, dead: torch.Tensor):
         """The top `auxk` pre-activations of the dead latents per vector, positive ones only (the ReLU)."""
         if not self.auxk or not bool(dead.any()):
@@ -164,7 +192,7 @@ class TrainingLoss(nn.Module):
         keep = av > 0  # the zeros (live latents, negative dead ones) contribute nothing
         return arows[keep], ai[keep], av[keep]
 
-    def forward(self, x: torch.Tensor):
+    def _forward_cpu(self, x: torch.Tensor):
         sae, B = self.sae, x.shape[0]
         with torch.no_grad():
             pre = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc)
@@ -178,13 +206,90 @@ class TrainingLoss(nn.Module):
         x_hat = sparse_decode(main_v, sae.W_dec, rows, i, B) + sae.b_dec
         mse = (x_hat - x).pow(2).mean()
         loss = self.mse_scale * mse
+        if self.widths:
+            inner = [sparse_decode(main_v[i < w], sae.W_dec, rows[i < w], i[i < w], B) + sae.b_dec
+                     for w in self.widths[:-1]]
+            loss = loss + self._mse_terms(x, inner)
         aux_loss = x.new_zeros(())
         if self.auxk:
-            aux_hat = sparse_decode(aux_v, sae.W_dec, arows, ai, B) + sae.b_dec
-            target = x - x_hat.detach() + sae.b_dec.detach()
-            ss, count = distributed.global_centered_sq(target)
-            denom = ss / (count * x.shape[1])
-            aux_loss = self.auxk_coef * ((aux_hat - target).pow(2).mean() / denom).nan_to_num(0)
+            aux_loss = self._aux_loss(x, x_hat, sparse_decode(aux_v, sae.W_dec, arows, ai, B) + sae.b_dec)
             loss = loss + aux_loss
         return loss, {"mse": mse.detach(), "aux_loss": aux_loss.detach(), "x_hat": x_hat.detach(),
-                      "n_active": v.numel(), "dead": dead}
+                      "n_active": (v > 0).sum(), "dead": dead}
+
+    # -- the GPU path ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def refresh_candidates(self, horizon: int | None = None) -> None:
+        """The latents that can be dead in the next `horizon` forwards: a counter grows by at most one a
+        step, so only those with `counter + horizon > threshold` can pass the threshold before the next
+        refresh. AuxK then looks at these columns only, exactly as at all of them. One host read."""
+        horizon = horizon or self.refresh_every
+        can = torch.nonzero(self.stats_last_nonzero + horizon > self.dead_steps_threshold).flatten()
+        self.candidates = can if can.numel() else None
+        self._candidate_steps_left = horizon
+
+    @torch.no_grad()
+    def _select_pairs(self, pre: torch.Tensor):
+        """(row, latent, pre-activation) of the selection, `k * batch` of them in any order (BatchTopK's
+        non-positive ones included, valued 0: they add nothing and get no gradient)."""
+        sae, (B, n) = self.sae, pre.shape
+        if sae.architecture == "topk":
+            k = sae.config.k
+            v, i = pre.topk(k, dim=-1, sorted=False)
+            key = (B, k, pre.device)
+            if key not in self._rows:
+                self._rows = {key: torch.arange(B, device=pre.device).repeat_interleave(k)}
+            return self._rows[key], i.reshape(-1), v.reshape(-1)
+        flat = pre.relu().flatten()
+        v, f = flat.topk(min(sae.config.k * B, flat.numel()), sorted=False)
+        positive_min = torch.where(v > 0, v, torch.full_like(v, float("inf"))).min()
+        self.batch_min = torch.where(torch.isinf(positive_min), torch.zeros_like(positive_min), positive_min)
+        return f // n, f % n, v
+
+    @torch.no_grad()
+    def _aux_codes(self, pre: torch.Tensor, dead: torch.Tensor) -> torch.Tensor | None:
+        """AuxK's codes over the candidate latents `[batch, candidates]`: the top `auxk` of the dead ones'
+        pre-activations, ReLU'd, 0 elsewhere; None when no latent can be dead."""
+        cand = self.candidates
+        if not self.auxk or cand is None:
+            return None
+        sub = pre.index_select(1, cand).mul_(dead.index_select(0, cand))
+        av, ai = sub.topk(min(self.auxk, cand.numel()), dim=-1, sorted=False)
+        return torch.zeros_like(sub).scatter_(1, ai, av.relu_())
+
+    def _level(self, latents: torch.Tensor):
+        """The Matryoshka level of each latent: how many inner prefix widths are <= it."""
+        if self._bounds is None or self._bounds.device != latents.device:
+            self._bounds = torch.tensor(self.widths[:-1], device=latents.device)
+        return torch.bucketize(latents, self._bounds, right=True)
+
+    def _forward_gpu(self, x: torch.Tensor):
+        sae, B = self.sae, x.shape[0]
+        if self._candidate_steps_left <= 0:
+            self.refresh_candidates()
+        self._candidate_steps_left -= 1
+        with torch.no_grad():
+            pre = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc)
+            rows, i, v = self._select_pairs(pre)
+            dead = self._dead(i, v)
+            aux_codes = self._aux_codes(pre, dead)
+            del pre
+        params = (sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec)
+        if self.widths:
+            parts = pair_decode(v, x, *params, rows, i, B, self._level(i), len(self.widths))
+            recon = parts.cumsum(0) + sae.b_dec
+            x_hat = recon[-1]
+        else:
+            x_hat = pair_decode(v, x, *params, rows, i, B)[0] + sae.b_dec
+        mse = (x_hat - x).pow(2).mean()
+        loss = self.mse_scale * mse
+        if self.widths:
+            loss = loss + self._mse_terms(x, list(recon[:-1]))
+        aux_loss = x.new_zeros(())
+        if self.auxk:
+            aux_hat = sae.b_dec if aux_codes is None else (
+                dense_subset_decode(aux_codes, x, *params, self.candidates) + sae.b_dec)
+            aux_loss = self._aux_loss(x, x_hat, aux_hat)
+            loss = loss + aux_loss
+        return loss, {"mse": mse.detach(), "aux_loss": aux_loss.detach(), "x_hat": x_hat.detach(),
+                      "n_active": (v > 0).sum(), "dead": dead}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -65,6 +66,10 @@ class Trainer:
         self.dead_steps_threshold = config.dead_toks_threshold // self.global_batch
         self.ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir is not None else None
         self.data = Rebatcher(batches, self.device, config.dtype)
+        gpu = config.step_path == "gpu" or (config.step_path == "auto" and self.device.type == "cuda")
+        self.path = "gpu" if gpu else "cpu"
+        # the host reads values back only every `sync_every` steps on the GPU path (logging, dead candidates)
+        self.sync_every = config.log_every or 100
 
         ckpt = self._read_checkpoint()
         if ckpt is None:
@@ -72,12 +77,17 @@ class Trainer:
         else:
             self._resume(ckpt)
         params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
-        self.opt = torch.optim.Adam(params, lr=config.lr, eps=config.eps, fused=self.device.type == "cuda")
+        # fused Adam keeps its step counters on the device (the unfused one reads them back each step)
+        fused = self.device.type == "cuda" or self.path == "gpu"
+        self.opt = torch.optim.Adam(params, lr=config.lr, eps=config.eps, fused=fused)
         if ckpt is not None:
             self.opt.load_state_dict(ckpt["optimizer"])
         self.loss = TrainingLoss(self.sae, auxk=config.auxk, auxk_coef=config.auxk_coef, mse_scale=self.mse_scale,
                                  dead_steps_threshold=self.dead_steps_threshold,
-                                 stats_last_nonzero=self.stats_last_nonzero)
+                                 stats_last_nonzero=self.stats_last_nonzero, widths=config.matryoshka_widths,
+                                 path=self.path, refresh_every=self.sync_every)
+        if self.path == "gpu":
+            self.loss.refresh_candidates()
         self.model = distributed.wrap(self.loss, self.device)
 
     # -- setup -------------------------------------------------------------------------------------
@@ -105,7 +115,7 @@ class Trainer:
         self.mse_scale = float(mse_scale)
         self.stats_last_nonzero = torch.zeros(c.n_features, dtype=torch.long, device=self.device)
         self.step, self.tokens = 0, 0
-        self.threshold_window: list[float] = []
+        self._new_window([])
 
     def _read_checkpoint(self) -> dict | None:
         """The checkpoint to resume from, checked against this run; None for a fresh start."""
@@ -136,27 +146,56 @@ class Trainer:
         self.mse_scale = ckpt["mse_scale"]
         self.stats_last_nonzero = ckpt["stats_last_nonzero"].to(self.device)
         self.step, self.tokens = ckpt["step"], ckpt["tokens"]
-        self.threshold_window = [float(w) for w in ckpt["threshold_window"]]
+        self._new_window(ckpt["threshold_window"])
         torch.set_rng_state(mine["rng"])
 
     # -- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        """Steps until `max_tokens` or the end of the data; every `sync_every` steps the bookkeeping that
+        reads values back to the host (logging; the GPU path's dead-latent candidates)."""
+        c = self.cfg
+        while c.max_tokens is None or self.tokens < c.max_tokens:
+            if not self._has_batch():
+                break
+            x = self.data.take(c.batch_size)
+            loss, info = self.train_step(x)
+            if self.step % self.sync_every == 0:
+                if c.log_every:
+                    self.log(x, loss, info)
+                if self.path == "gpu":
+                    self.loss.refresh_candidates(self.sync_every)
+            if self.eval_batches is not None and c.eval_every and self.step % c.eval_every == 0:
+                self.evaluate()
+            if self.ckpt_path is not None and c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                self.save_checkpoint()
+
+    def _has_batch(self) -> bool:
+        """Whether every rank has a next batch (in one process a host-side check, no device value read)."""
+        mine = self.data.fill(self.cfg.batch_size)
+        if self.world == 1:
+            return mine
+        ok = torch.full((1,), int(mine), device=self.device)
+        return bool(int(distributed.all_reduce(ok, "min")))
+
     def fit(self) -> SparseAutoencoder:
         """Train until `max_tokens` or until any rank's data ends; the SAE, in eval mode, with its
         hyperparameters (and the final evaluation) in its config."""
         c = self.cfg
         self._t0, self._tokens0 = time.perf_counter(), self.tokens
-        while c.max_tokens is None or self.tokens < c.max_tokens:
-            ok = torch.tensor([1 if self.data.fill(c.batch_size) else 0], device=self.device)
-            if not int(distributed.all_reduce(ok, "min")):
-                break
-            x = self.data.take(c.batch_size)
-            loss, info = self.train_step(x)
-            if c.log_every and self.step % c.log_every == 0:
-                self.log(x, loss, info)
+        with _matmul_precision(c.matmul):
+            self._loop()
             if self.eval_batches is not None and c.eval_every and self.step % c.eval_every == 0:
                 self.evaluate()
             if self.ckpt_path is not None and c.checkpoint_every and self.step % c.checkpoint_every == 0:
                 self.save_checkpoint()
+
+    def fit(self) -> SparseAutoencoder:
+        """Train until `max_tokens` or until any rank's data ends; the SAE, in eval mode, with its
+        hyperparameters (and the final evaluation) in its config."""
+        c = self.cfg
+        self._t0, self._tokens0 = time.perf_counter(), self.tokens
+        with _matmul_precision(c.matmul):
+            self._loop()
         self._set_threshold()
         if self.ckpt_path is not None:
             self.save_checkpoint()
@@ -178,18 +217,40 @@ class Trainer:
         self.opt.step()
         self.step += 1
         self.tokens += self.global_batch
-        if self.cfg.architecture == "batchtopk":
-            batch_min = distributed.all_reduce(self.loss.batch_min.reshape(1).double())
-            self.threshold_window.append(float(batch_min) / self.world)
-            self.threshold_window = self.threshold_window[-self.cfg.threshold_batches:]
+        if self.batchtopk:
+            batch_min = distributed.all_reduce(self.loss.batch_min.detach().reshape(1).double())
+            self._window[self._window_count % self._window.numel()] = batch_min[0] / self.world
+            self._window_count += 1
             self._set_threshold()
         return loss, info
 
+    @property
+    def batchtopk(self) -> bool:
+        return self.cfg.architecture in ("batchtopk", "matryoshka_batchtopk")
+
+    def _new_window(self, minima) -> None:
+        """BatchTopK's window of the last `threshold_batches` batch minima, on the device (a ring), started
+        from `minima` (oldest first)."""
+        size = self.cfg.threshold_batches
+        minima = torch.as_tensor(minima, dtype=torch.float64).reshape(-1)[-size:]
+        self._window = torch.zeros(size, dtype=torch.float64, device=self.device)
+        self._window[: minima.numel()] = minima.to(self.device)
+        self._window_count = minima.numel()
+
+    @property
+    def threshold_window(self) -> torch.Tensor:
+        """The batch minima of the window, oldest first (on the device)."""
+        size, n = self._window.numel(), self._window_count
+        if n <= size:
+            return self._window[:n]
+        return self._window.roll(-(n % size))
+
     def _set_threshold(self) -> None:
         """BatchTopK's inference threshold: the mean of the window of batch minima."""
-        if self.cfg.architecture == "batchtopk" and self.threshold_window:
+        if self.batchtopk and self._window_count:
             with torch.no_grad():
-                self.sae.threshold.fill_(sum(self.threshold_window) / len(self.threshold_window))
+                n = min(self._window_count, self._window.numel())
+                self.sae.threshold.copy_(self._window[:n].mean())
 
     def log(self, x: torch.Tensor, loss: torch.Tensor, info: dict) -> None:
         """The step's metrics over the global batch, to `callback` on rank 0."""
@@ -198,7 +259,7 @@ class Trainer:
             ss, _ = distributed.global_centered_sq(x.double())
             stats = torch.cat([sq, ss.reshape(1), loss.detach().double().reshape(1),
                                info["mse"].double().reshape(1), info["aux_loss"].double().reshape(1),
-                               torch.tensor([float(info["n_active"])], dtype=torch.float64, device=self.device)])
+                               torch.as_tensor(info["n_active"], device=self.device).double().reshape(1)])
             distributed.all_reduce(stats)
         if self.rank != 0 or self.callback is None:
             return
@@ -242,7 +303,7 @@ class Trainer:
                 "tokens": self.tokens,
                 "mse_scale": self.mse_scale,
                 "stats_last_nonzero": self.stats_last_nonzero.cpu(),
-                "threshold_window": torch.tensor(self.threshold_window, dtype=torch.float64),
+                "threshold_window": self.threshold_window.cpu(),
                 "world_size": self.world,
                 "ranks": ranks,
             }
@@ -263,8 +324,25 @@ class Trainer:
             "geometric_median_samples": c.geometric_median_samples, "mse_scale_batches": c.mse_scale_batches,
             "mse_scale": self.mse_scale, "seed": c.seed, "dtype": str(c.dtype), "max_tokens": c.max_tokens,
         }
-        if c.architecture == "batchtopk":
+        if self.batchtopk:
             hyper["threshold_batches"] = c.threshold_batches
+        if c.matryoshka_widths:
+            hyper["matryoshka_widths"] = list(c.matryoshka_widths)
+        hyper.update({"step_path": self.path, "matmul": c.matmul})
         hyper.update({"steps": self.step, "tokens": self.tokens,
                       "dead_fraction": float((self.stats_last_nonzero > self.dead_steps_threshold).double().mean())})
         return hyper
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    """CUDA's float32 matrix products in TF32 for the block when `precision` is "tf32" (restored after)."""
+    if precision != "tf32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

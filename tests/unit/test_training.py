@@ -276,7 +276,7 @@ def test_options_as_a_config_or_as_keywords():
     assert torch.equal(from_config.W_dec, train([x], **opts).W_dec)
     reseeded = train([x], config, seed=6)  # keywords override the config
     assert reseeded.config.hyperparameters["seed"] == 6 and not torch.equal(reseeded.W_dec, from_config.W_dec)
-    with pytest.raises(ValueError, match="architecture must be 'topk' or 'batchtopk'"):
+    with pytest.raises(ValueError, match="architecture must be one of topk, batchtopk, matryoshka_batchtopk"):
         TrainConfig(architecture="relu")
     with pytest.raises(ValueError, match="1 <= k <= n_features"):
         train([x], k=0)
