@@ -23,7 +23,7 @@ from .schema import CATEGORY, SAE, checked_numbers
 
 NODE = "SAE Train"
 ONLY_BLOCK = "the dump's only block"
-ARCHS = ["topk", "batchtopk"]
+ARCHS = ["topk", "batchtopk", "matryoshka_batchtopk"]
 
 
 def _dump_block(node: str, folder: str, choice: str) -> str:
@@ -70,7 +70,10 @@ class TrainSAE(io.ComfyNode):
                              tooltip="Features of the SAE; 0 = the paper's for the dump's model (SDXL 5120, FLUX 12288)."),
                 io.Int.Input("k", default=0, min=0, max=4096,
                              tooltip="Active features per vector; 0 = the paper's (SDXL 10, FLUX 20)."),
-                io.Combo.Input("architecture", options=ARCHS, default="topk"),
+                io.Combo.Input("architecture", options=ARCHS, default="topk",
+                               tooltip="topk: the paper's SAE. batchtopk: k active on average over a batch, a "
+                               "threshold at inference. matryoshka_batchtopk: batchtopk whose nested prefixes "
+                               "(n/16, n/8, n/4, n/2, n) each learn to reconstruct, general features first."),
                 io.Int.Input("max_tokens", default=0, min=0, max=1 << 40,
                              tooltip="Stop after this many vectors; 0 = one pass over the training split."),
                 io.Int.Input("batch_size", default=4096, min=1, max=1 << 20),

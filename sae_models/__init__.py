@@ -16,6 +16,7 @@ from .architectures import (
     ARCHITECTURES,
     BatchTopKSAE,
     JumpReLUSAE,
+    MatryoshkaBatchTopKSAE,
     ReLUSAE,
     SparseAutoencoder,
     SparseCodes,

@@ -82,6 +82,13 @@ class _Progress:
               f"l0 {m['l0']:.1f}  dead {m['dead_fraction']:.1%}  {rate:,.0f} tok/s", end="", file=sys.stderr, flush=True)
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must be whole numbers separated by commas, not {text!r}") from None
+
+
 def _train(args) -> int:
     from .pipeline import train_on_dump
     from .training import TrainConfig
@@ -89,7 +96,8 @@ def _train(args) -> int:
     config = TrainConfig(n_features=args.n_features, k=args.k, architecture=args.architecture, auxk=args.auxk,
                          batch_size=args.batch_size, lr=args.lr, max_tokens=args.max_tokens, seed=args.seed,
                          device=args.device, base_model=args.base_model, checkpoint_dir=args.checkpoint_dir,
-                         checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+                         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                         matryoshka_widths=args.matryoshka_widths, step_path=args.step_path, matmul=args.matmul)
     # Under torchrun the pipeline makes the process group and tears it down when training ends; only rank 0
     # (callbacks included) evaluates and writes, the other ranks get None (see the os._exit at the bottom).
     done = train_on_dump(args.dump, args.out, config, block=args.block, eval_fraction=args.eval_fraction,
@@ -160,7 +168,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--n-features", type=int, default=5120)
     p.add_argument("-k", "--k", type=int, default=10)
-    p.add_argument("--architecture", choices=["topk", "batchtopk"], default="topk")
+    p.add_argument("--architecture", choices=["topk", "batchtopk", "matryoshka_batchtopk"], default="topk")
+    p.add_argument("--matryoshka-widths", type=_widths, default=None,
+                   help="matryoshka_batchtopk: nested prefix widths, e.g. 320,640,1280,2560,5120 (the default "
+                   "for 5120 features: n/16 doubling up to n)")
+    p.add_argument("--step-path", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="the training step's kernels: auto = gpu on a CUDA device")
+    p.add_argument("--matmul", choices=["fp32", "tf32"], default="fp32",
+                   help="float32 matrix products: fp32 (the paper's recipe) or tf32 (CUDA, faster)")
     p.add_argument("--auxk", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=1e-4)

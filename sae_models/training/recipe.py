@@ -143,7 +143,8 @@ class TrainingLoss(nn.Module):
         self.candidates: torch.Tensor | None = None
         self._candidate_steps_left = 0
         self._rows: dict = {}
-        self._bounds = None
+        # Matryoshka: the inner widths, a latent's level being how many of them are <= it
+        self._bounds = torch.tensor(self.widths[:-1], device=sae.W_enc.device) if self.widths else None
 
     # -- selection (both paths) --------------------------------------------------------------------
     @torch.no_grad()
@@ -257,12 +258,6 @@ class TrainingLoss(nn.Module):
         av, ai = sub.topk(min(self.auxk, cand.numel()), dim=-1, sorted=False)
         return torch.zeros_like(sub).scatter_(1, ai, av.relu_())
 
-    def _level(self, latents: torch.Tensor):
-        """The Matryoshka level of each latent: how many inner prefix widths are <= it."""
-        if self._bounds is None or self._bounds.device != latents.device:
-            self._bounds = torch.tensor(self.widths[:-1], device=latents.device)
-        return torch.bucketize(latents, self._bounds, right=True)
-
     def _forward_gpu(self, x: torch.Tensor):
         sae, B = self.sae, x.shape[0]
         if self._candidate_steps_left <= 0:
@@ -276,7 +271,8 @@ class TrainingLoss(nn.Module):
             del pre
         params = (sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec)
         if self.widths:
-            parts = pair_decode(v, x, *params, rows, i, B, self._level(i), len(self.widths))
+            level = torch.bucketize(i, self._bounds, right=True)
+            parts = pair_decode(v, x, *params, rows, i, B, level, len(self.widths))
             recon = parts.cumsum(0) + sae.b_dec
             x_hat = recon[-1]
         else:

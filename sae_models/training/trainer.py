@@ -154,6 +154,7 @@ class Trainer:
         """Steps until `max_tokens` or the end of the data; every `sync_every` steps the bookkeeping that
         reads values back to the host (logging; the GPU path's dead-latent candidates)."""
         c = self.cfg
+        self._t0, self._tokens0 = time.perf_counter(), self.tokens
         while c.max_tokens is None or self.tokens < c.max_tokens:
             if not self._has_batch():
                 break
@@ -180,9 +181,7 @@ class Trainer:
     def fit(self) -> SparseAutoencoder:
         """Train until `max_tokens` or until any rank's data ends; the SAE, in eval mode, with its
         hyperparameters (and the final evaluation) in its config."""
-        c = self.cfg
-        self._t0, self._tokens0 = time.perf_counter(), self.tokens
-        with _matmul_precision(c.matmul):
+        with _matmul_precision(self.cfg.matmul):
             self._loop()
             if self.eval_batches is not None and c.eval_every and self.step % c.eval_every == 0:
                 self.evaluate()
@@ -192,9 +191,7 @@ class Trainer:
     def fit(self) -> SparseAutoencoder:
         """Train until `max_tokens` or until any rank's data ends; the SAE, in eval mode, with its
         hyperparameters (and the final evaluation) in its config."""
-        c = self.cfg
-        self._t0, self._tokens0 = time.perf_counter(), self.tokens
-        with _matmul_precision(c.matmul):
+        with _matmul_precision(self.cfg.matmul):
             self._loop()
         self._set_threshold()
         if self.ckpt_path is not None:

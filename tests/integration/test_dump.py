@@ -215,8 +215,10 @@ def test_prompt_list_reads_text_or_a_file_of_the_input_folder(pk, input_dir):
         node.execute("", "missing.txt", 0)
 
 
-def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, output_dir, monkeypatch):
-    """Dump from sampling, train on the dump with the Train node, load the saved SAE, steer with it."""
+@pytest.mark.parametrize("arch", ["topk", "matryoshka_batchtopk"])
+def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, output_dir, monkeypatch, arch):
+    """Dump from sampling, train on the dump with the Train node, load the saved SAE, steer and probe with it
+    (the paper's TopK, and Matryoshka BatchTopK: a threshold at inference, so every node's other path)."""
     import folder_paths
 
     sae_dir = tmp_path / "models_sae"
@@ -229,11 +231,14 @@ def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, output_dir, monkey
     dump.flush()
     train = pk.N["UnboxTrainSAE"]
     with torch.inference_mode():  # as ComfyUI runs every node
-        out = train.execute("dump", "the dump's only block", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "trained",
+        out = train.execute("dump", "the dump's only block", 64, 4, arch, 0, 128, 1e-3, 0.1, 0, "trained",
                             False)
     handle = out.args[0]
     sae = handle.sae
     assert (sae.config.block, sae.n_features, sae.config.k, sae.d_in) == ("up.0.1", 64, 4, 128)
+    assert sae.architecture == arch
+    if arch == "matryoshka_batchtopk":
+        assert sae.config.hyperparameters["matryoshka_widths"] == [4, 8, 16, 32, 64] and float(sae.threshold) > 0
     assert sae.stats.mean is not None and float(sae.stats.frequency.sum()) > 0
     saved = sae_dir / "trained.safetensors"
     assert saved.is_file() and (sae_dir / "trained.features.json").is_file()
@@ -242,7 +247,7 @@ def test_dump_train_load_and_steer(pk, tiny, model, tmp_path, output_dir, monkey
         train.execute("dump", "up.0.1", 64, 4, "topk", 0, 128, 1e-3, 0.1, 0, "trained", False)
 
     loaded = pk.N["UnboxLoadSAE"].execute("trained.safetensors").args[0]
-    assert torch.equal(loaded.sae.W_dec, sae.W_dec)
+    assert torch.equal(loaded.sae.W_dec, sae.W_dec) and loaded.sae.architecture == arch
     feature = int(sae.stats.frequency.argmax())
     steered = pk.N["UnboxSteerFeatures"].execute(model, loaded, str(feature), 4.0, "add", "auto (the SAE's block)",
                                                  "mean activation", 0.0, 1.0, "cond").args[0]

@@ -1,4 +1,5 @@
-"""Data-parallel training: 2 CPU processes (gloo) with batch B each == 1 process with batch 2B."""
+"""Data-parallel training: 2 CPU processes (gloo) with batch B each == 1 process with batch 2B, on both step
+paths (the GPU path's code run on the CPU)."""
 
 import os
 
@@ -26,12 +27,12 @@ def _rank_rows(x, rank):
     return x.view(STEPS, 2, B, D)[:, rank].reshape(-1, D)
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank, init_file, out_dir, path):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
         x = _rank_rows(_data(), rank)
-        sae = train(list(x.split(50)), batch_size=B, **OPTS)
+        sae = train(list(x.split(50)), batch_size=B, step_path=path, **OPTS)
         dist.barrier()
     finally:
         dist.destroy_process_group()  # on both ranks together, before either does anything else
@@ -44,10 +45,12 @@ def _worker(rank, init_file, out_dir):
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+@pytest.mark.parametrize("path", ["cpu", "gpu"])
+def test_two_ranks_equal_one_process_with_double_batch(tmp_path, path):
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), path), nprocs=2,
+                       start_method="spawn")
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    single = train([_data()], batch_size=2 * B, **OPTS)
+    single = train([_data()], batch_size=2 * B, step_path="cpu", **OPTS)
     assert ddp["steps"] == single.config.hyperparameters["steps"] == STEPS
     for name in ("W_dec", "b_dec", "W_enc", "b_enc"):
         diff = (ddp[name] - getattr(single, name).detach()).abs().max()
