@@ -174,8 +174,9 @@ def main(argv=None) -> int:
                    "for 5120 features: n/16 doubling up to n)")
     p.add_argument("--step-path", choices=["auto", "cpu", "gpu"], default="auto",
                    help="the training step's kernels: auto = gpu on a CUDA device")
-    p.add_argument("--matmul", choices=["fp32", "tf32"], default="fp32",
-                   help="float32 matrix products: fp32 (the paper's recipe) or tf32 (CUDA, faster)")
+    p.add_argument("--matmul", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="the big matrix products: fp32 (the paper's recipe), tf32 (CUDA) or bf16 (the "
+                   "encoder under autocast): faster, less exact")
     p.add_argument("--auxk", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=1e-4)

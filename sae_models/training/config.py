@@ -8,7 +8,7 @@ import torch
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 STEP_PATHS = ("auto", "cpu", "gpu")
-MATMUL_PRECISIONS = ("fp32", "tf32")
+MATMUL_PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def default_matryoshka_widths(n_features: int) -> tuple[int, ...]:
@@ -43,8 +43,9 @@ class TrainConfig:
     - `step_path`: `cpu` (sorted sparse products in cache-sized chunks, fast on a CPU), `gpu` (fixed-shape
       pair products and dense AuxK over the latents that can be dead: few large kernels, no host sync
       between log steps), `auto` = `gpu` on a CUDA device. Both compute the same step.
-    - `matmul`: `fp32` (the paper's recipe) or `tf32` (CUDA's TensorFloat-32 for the float32 matrix
-      products: faster, slightly less exact; see the held-out FVU).
+    - `matmul`: `fp32` (the paper's recipe), `tf32` (CUDA's TensorFloat-32 for the float32 matrix
+      products) or `bf16` (the encoder's product in bfloat16 under autocast, as sparsify trains): faster,
+      less exact; see the held-out FVU. Parameters, optimizer and the sparse products stay float32.
     """
 
     n_features: int = 5120

@@ -131,7 +131,7 @@ class TrainingLoss(nn.Module):
 
     def __init__(self, sae, *, auxk: int | None, auxk_coef: float, mse_scale: float, dead_steps_threshold: int,
                  stats_last_nonzero: torch.Tensor, widths: tuple[int, ...] | None = None, path: str = "cpu",
-                 refresh_every: int = 100):
+                 refresh_every: int = 100, bf16_encoder: bool = False):
         super().__init__()
         self.sae = sae
         self.auxk, self.auxk_coef, self.mse_scale = auxk, auxk_coef, mse_scale
@@ -139,6 +139,7 @@ class TrainingLoss(nn.Module):
         self.stats_last_nonzero = stats_last_nonzero
         self.widths = tuple(widths) if widths and len(widths) > 1 else None
         self.path, self.refresh_every = path, max(1, refresh_every)
+        self.bf16_encoder = bf16_encoder
         self.batch_min = None
         self.candidates: torch.Tensor | None = None
         self._candidate_steps_left = 0
@@ -159,6 +160,16 @@ class TrainingLoss(nn.Module):
     def _mse_terms(self, x: torch.Tensor, inner: list[torch.Tensor]) -> torch.Tensor:
         """Matryoshka: the MSE of each inner prefix's reconstruction, summed (scaled as the main MSE)."""
         return sum((r - x).pow(2).mean() for r in inner) * self.mse_scale
+
+    @torch.no_grad()
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-activations `W_enc (x - b_dec) + b_enc`, float32; with `bf16_encoder` the product runs in
+        bfloat16 (as sparsify's autocast), so the selection sees bfloat16-rounded values."""
+        sae = self.sae
+        if not self.bf16_encoder:
+            return F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc).float()
 
     def forward(self, x: torch.Tensor):
         return self._forward_gpu(x) if self.path == "gpu" else self._forward_cpu(x)
@@ -196,7 +207,7 @@ class TrainingLoss(nn.Module):
     def _forward_cpu(self, x: torch.Tensor):
         sae, B = self.sae, x.shape[0]
         with torch.no_grad():
-            pre = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc)
+            pre = self._pre(x)
             rows, i, v = self._select(pre)
             dead = self._dead(i, v)
             arows, ai, av = self._select_auxk(pre, dead)
@@ -264,7 +275,7 @@ class TrainingLoss(nn.Module):
             self.refresh_candidates()
         self._candidate_steps_left -= 1
         with torch.no_grad():
-            pre = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc)
+            pre = self._pre(x)
             rows, i, v = self._select_pairs(pre)
             dead = self._dead(i, v)
             aux_codes = self._aux_codes(pre, dead)

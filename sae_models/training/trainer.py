@@ -85,7 +85,7 @@ class Trainer:
         self.loss = TrainingLoss(self.sae, auxk=config.auxk, auxk_coef=config.auxk_coef, mse_scale=self.mse_scale,
                                  dead_steps_threshold=self.dead_steps_threshold,
                                  stats_last_nonzero=self.stats_last_nonzero, widths=config.matryoshka_widths,
-                                 path=self.path, refresh_every=self.sync_every)
+                                 path=self.path, refresh_every=self.sync_every, bf16_encoder=config.matmul == "bf16")
         if self.path == "gpu":
             self.loss.refresh_candidates()
         self.model = distributed.wrap(self.loss, self.device)

@@ -236,3 +236,33 @@ def test_matryoshka_prefix_reconstructs_on_its_own_and_round_trips(tmp_path):
     assert torch.equal(loaded.threshold, mat.threshold) and float(loaded.threshold) > 0
     assert torch.equal(loaded.encode(held), mat.encode(held))
     assert isinstance(loaded, type(build(SAEConfig(architecture="batchtopk", d_in=4, n_features=8, k=1))))
+
+
+# ---------------------------------------------------------------------------------------------------
+# reduced-precision matrix products
+# ---------------------------------------------------------------------------------------------------
+
+def test_bf16_encoder_trains_to_nearly_the_same_quality():
+    x, _ = planted(64 * 60, seed=5)
+    held = planted(2048, seed=6)[0]
+    opts = dict(OPTS, architecture="topk", step_path="gpu")
+    fp32 = train([x], **opts)
+    bf16 = train([x], matmul="bf16", **opts)
+    assert bf16.config.hyperparameters["matmul"] == "bf16"
+    assert not torch.equal(bf16.W_enc, fp32.W_enc)  # the selection saw bfloat16-rounded pre-activations
+    fvu = {name: float(((s(held).detach() - held) ** 2).sum() / ((held - held.mean(0)) ** 2).sum())
+           for name, s in (("fp32", fp32), ("bf16", bf16))}
+    assert abs(fvu["bf16"] - fvu["fp32"]) < 0.02, fvu
+
+
+def test_tf32_is_on_only_while_training():
+    x, _ = planted(64 * 12, seed=5)
+    seen = []
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        train([x], matmul="tf32", log_every=5, callback=lambda d: seen.append(torch.backends.cuda.matmul.allow_tf32),
+              **OPTS)
+        assert seen and all(seen) and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
