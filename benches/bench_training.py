@@ -1,4 +1,5 @@
-"""Training throughput and quality: `sae_models.training.train` against SAELens, on the same data.
+"""Training throughput and quality: `sae_models.training.train` against SAELens (CPU) or EleutherAI's
+sparsify (GPU), on the same data.
 
 Both trainers fit a TopK SAE of the paper's size (d_in 1280, 5120 features, k = 10) with Adam at lr 1e-4
 and batches of 4096 vectors, on the SAME synthetic activations in the SAME order, for the same number of
@@ -36,6 +37,22 @@ Run from the repo root:
     /work/venv-saelens/bin/python benches/bench_training.py [--tokens 524288] [--threads 2] [--rounds 1]
         [--eval-tokens 32768] [--seed 0] [--profile-steps 0] [--saelens-b-dec zero|geometric-median]
         [--dead-window-steps N] [--sequential]
+
+On a GPU (`--device cuda`) the other trainer is sparsify's `SparseCoder` (eai-sparsify on PyPI; tested
+with 1.3.3) in the training step of its `Trainer`, written out here (its package `__init__` imports the
+trainer's dependencies, transformers, datasets and accelerate, so only `sparsify.sparse_coder` is imported;
+where `accelerate`, `transformers`, `huggingface_hub` or `natsort` is missing, a stand-in module provides the
+names that module imports, none of which the step uses; the run prints which). Its step, as `Trainer.fit`:
+`b_dec` = mean of the first batch; decoder rows to unit norm; forward with the dead mask (its AuxK:
+k_aux = d_in // 2, dead after 10M tokens without firing) under its own bfloat16 autocast; loss `fvu +
+auxk_alpha * auxk_loss` (auxk_alpha 1/32, as ours); backward; gradient parallel to the decoder rows removed;
+Adam (lr 1e-4); the dead-latent counters; its per-step read of the FVU for logging. Setup on a machine with
+no network: carry the wheels of eai-sparsify, simple-parsing, docstring-parser and natsort and install them
+with `pip install --no-deps`; einops, safetensors and (for its Triton decoder) triton come with torch's
+CUDA image. The GPU runs are sequential (one GPU), the order alternating over rounds; the training data
+live on the GPU for both. Our trainer takes `--step-path` and `--matmul`.
+
+    python benches/bench_training.py --device cuda --tokens 8388608 [--matmul fp32|tf32|bf16] [--rounds 2]
 
 `--rounds N` repeats the pair N times, alternating which trainer goes first, and reports the median
 ratio. `--profile-steps N` (N > 0) afterwards runs our trainer for N
@@ -234,12 +251,13 @@ def run_pair(order, jobs, interleave: bool):
 @torch.no_grad()
 def score(reconstruct, encode, eval_batches) -> dict:
     """FVU (per-dimension centred), L0 and the fraction of never-firing features, in float64 sums."""
+    device = eval_batches[0].device
     sq_err = 0.0
-    s1 = torch.zeros(D_IN, dtype=torch.float64)
-    s2 = torch.zeros(D_IN, dtype=torch.float64)
+    s1 = torch.zeros(D_IN, dtype=torch.float64, device=device)
+    s2 = torch.zeros(D_IN, dtype=torch.float64, device=device)
     n = 0
     l0_sum = 0.0
-    fired = torch.zeros(N_FEATURES, dtype=torch.bool)
+    fired = torch.zeros(N_FEATURES, dtype=torch.bool, device=device)
     for x in eval_batches:
         x_hat = reconstruct(x).to(torch.float64)
         xd = x.to(torch.float64)
@@ -258,7 +276,8 @@ def score(reconstruct, encode, eval_batches) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # the two trainers
 # ---------------------------------------------------------------------------------------------------
-def run_ours(it: TimedIterator, tokens: int, seed: int):
+def run_ours(it: TimedIterator, tokens: int, seed: int, device: str = "cpu", step_path: str = "auto",
+             matmul: str = "fp32"):
     from sae_models.training import train
 
     last = {}
@@ -269,12 +288,115 @@ def run_ours(it: TimedIterator, tokens: int, seed: int):
     it.start()
     try:
         sae = train(it, n_features=N_FEATURES, k=K, auxk=OURS_AUXK, auxk_coef=OURS_AUXK_COEF, batch_size=BATCH,
-                    lr=LR, eps=OURS_EPS, architecture="topk", max_tokens=tokens, seed=seed, device="cpu",
-                    callback=callback)
+                    lr=LR, eps=OURS_EPS, architecture="topk", max_tokens=tokens, seed=seed, device=device,
+                    callback=callback, step_path=step_path, matmul=matmul)
+        _sync(device)
     finally:
         it.stop()
     sae.eval()
-    return sae, {"tokens": tokens, "last_log": dict(last)}
+    return sae, {"tokens": tokens, "last_log": dict(last),
+                 "setting": f"step path {sae.config.hyperparameters['step_path']}, matmul {matmul}"}
+
+
+def _sync(device: str) -> None:
+    """Wait for the GPU's queue, so that a trainer's time includes all of its work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- sparsify ------------------------------------------------------------------------------------------
+SPARSIFY_AUXK_ALPHA = 1 / 32
+SPARSIFY_DEAD_TOKENS = 10_000_000  # its default dead_feature_threshold, the same as ours
+_STAND_INS = {"accelerate.utils": ("send_to_device",), "transformers": ("PreTrainedModel",),
+              "huggingface_hub": ("snapshot_download",), "natsort": ("natsorted",)}
+
+
+def import_sparsify(device: str = "cuda"):
+    """`(SparseCoder, SparseCoderConfig, decoder name, stand-ins used)` from sparsify's `sparse_coder` module
+    without running its package `__init__`; None when sparsify is not installed. On the CPU its Triton
+    decoder cannot run: its own switch SPARSIFY_DISABLE_TRITON picks its eager one."""
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    if torch.device(device).type != "cuda":
+        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
+    if "sparsify" not in sys.modules:
+        spec = importlib.util.find_spec("sparsify")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        pkg = importlib.util.module_from_spec(spec)  # the package, its __init__ not run
+        sys.modules["sparsify"] = pkg
+    stand_ins = []
+    for name, attrs in _STAND_INS.items():
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            continue  # the real module
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            sub = ".".join(parts[:i])
+            if sub not in sys.modules:
+                sys.modules[sub] = types.ModuleType(sub)
+                sys.modules[sub].__spec__ = importlib.machinery.ModuleSpec(sub, None)
+        for attr in attrs:
+            setattr(sys.modules[name], attr, None)
+        stand_ins.append(name)
+    from sparsify import utils
+    from sparsify.config import SparseCoderConfig
+    from sparsify.sparse_coder import SparseCoder
+
+    return SparseCoder, SparseCoderConfig, utils.decoder_impl.__name__, stand_ins
+
+
+def run_sparsify(it: TimedIterator, tokens: int, seed: int, device: str):
+    SparseCoder, SparseCoderConfig, decoder, _ = import_sparsify(device)
+    it.start()
+    try:
+        torch.manual_seed(seed)
+        sae = SparseCoder(D_IN, SparseCoderConfig(num_latents=N_FEATURES, k=K), device=device)
+        opt = torch.optim.Adam(sae.parameters(), lr=LR)
+        since_fired = torch.zeros(N_FEATURES, dtype=torch.long, device=device)
+        did_fire = torch.zeros(N_FEATURES, dtype=torch.bool, device=device)
+        fvu_sum, steps = 0.0, 0
+        for x in it:
+            if steps == 0:
+                sae.b_dec.data = x.mean(0).to(sae.dtype)
+            sae.set_decoder_norm_to_unit_norm()
+            dead_mask = since_fired > SPARSIFY_DEAD_TOKENS
+            total_variance = (x - x.mean(0)).pow(2).sum()
+            out = sae(x, dead_mask=dead_mask, total_variance=total_variance)
+            did_fire[out.latent_indices.flatten()] = True
+            fvu_sum += float(out.fvu.detach())  # its trainer reads the FVU back every step for its log
+            (out.fvu + SPARSIFY_AUXK_ALPHA * out.auxk_loss).backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                since_fired += x.shape[0]
+                since_fired[did_fire] = 0
+                did_fire.zero_()
+            steps += 1
+        _sync(device)
+    finally:
+        it.stop()
+    sae.eval()
+    return _SparsifyModel(sae), {"tokens": steps * BATCH, "setting": f"decoder {decoder}, its bf16 autocast",
+                                 "train_fvu_mean": fvu_sum / max(steps, 1)}
+
+
+class _SparsifyModel:
+    """sparsify's SAE behind the two calls `score` makes."""
+
+    def __init__(self, sae):
+        self.sae = sae
+
+    @torch.no_grad()
+    def __call__(self, x):
+        return self.sae(x).sae_out.float()
+
+    @torch.no_grad()
+    def encode(self, x):
+        acts, idx, _ = self.sae.encode(x)
+        return torch.zeros(x.shape[0], N_FEATURES, device=x.device).scatter_(1, idx, acts.float())
 
 
 def saelens_available() -> bool:
@@ -360,17 +482,23 @@ def describe_differences(dead_window_steps: int, steps: int, saelens_b_dec: str)
 
 
 # ---------------------------------------------------------------------------------------------------
-def profile_ours(train_batches, steps: int, seed: int):
+def profile_ours(train_batches, steps: int, seed: int, device: str = "cpu", step_path: str = "auto",
+                 matmul: str = "fp32"):
     from torch.profiler import ProfilerActivity, profile
 
     from sae_models.training import train
 
     sub = train_batches[:steps]
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    gpu = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities, record_shapes=False) as prof:
         train(iter(sub), n_features=N_FEATURES, k=K, auxk=OURS_AUXK, auxk_coef=OURS_AUXK_COEF, batch_size=BATCH,
-              lr=LR, eps=OURS_EPS, architecture="topk", max_tokens=steps * BATCH, seed=seed, device="cpu")
-    print(f"\n== torch.profiler: our trainer, {steps} steps (self CPU time) ==")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+              lr=LR, eps=OURS_EPS, architecture="topk", max_tokens=steps * BATCH, seed=seed, device=device,
+              step_path=step_path, matmul=matmul)
+        _sync(device)
+    sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+    print(f"\n== torch.profiler: our trainer, {steps} steps (sorted by {sort}) ==")
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
 
 
 def fmt_rate(tokens, seconds):
@@ -390,36 +518,59 @@ def main():
     ap.add_argument("--profile-steps", type=int, default=0)
     ap.add_argument("--sequential", action="store_true",
                     help="run the two trainers one after the other instead of step by step in turn")
+    ap.add_argument("--device", default="cpu", help="cpu (against SAELens) or cuda (against sparsify)")
+    ap.add_argument("--against", choices=("saelens", "sparsify"), default=None,
+                    help="the other trainer (default: saelens on the CPU, sparsify on a GPU)")
+    ap.add_argument("--step-path", choices=("auto", "cpu", "gpu"), default="auto", help="our trainer's step")
+    ap.add_argument("--matmul", choices=("fp32", "tf32", "bf16"), default="fp32", help="our trainer's products")
     ap.add_argument("--saelens-b-dec", choices=("zero", "geometric-median"), default="zero",
                     help="SAELens's b_dec at the start: its own init (zero), or the geometric median of the "
                          "first 32768 training vectors as ours (computed before its timer starts)")
     args = ap.parse_args()
+    device = args.device
+    other = args.against or ("sparsify" if torch.device(device).type == "cuda" else "saelens")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
 
-    if not saelens_available():
+    if other == "saelens" and not saelens_available():
         sys.exit("sae-lens is not installed in this interpreter; set up /work/venv-saelens as the docstring "
                  "of benches/bench_training.py says and run with /work/venv-saelens/bin/python.")
+    if other == "sparsify" and import_sparsify(device) is None:
+        sys.exit("sparsify is not installed in this interpreter: pip install --no-deps eai-sparsify "
+                 "simple-parsing docstring-parser natsort (see the docstring of benches/bench_training.py)")
     try:
         import sae_models.training  # noqa: F401
     except ImportError as e:
         sys.exit(f"sae_models.training cannot be imported: {e}")
 
-    import sae_lens
-
     torch.set_num_threads(args.threads)
     tokens = max(BATCH, args.tokens // BATCH * BATCH)
     dead_window = args.dead_window_steps or our_dead_window_steps() or 1000
 
-    print(f"torch {torch.__version__}, sae-lens {sae_lens.__version__}, threads {torch.get_num_threads()}")
+    if other == "saelens":
+        import sae_lens
+
+        versions = f"sae-lens {sae_lens.__version__}"
+    else:
+        from importlib.metadata import version
+
+        *_, decoder, stand_ins = import_sparsify(device)
+        versions = (f"eai-sparsify {version('eai-sparsify')} (decoder {decoder}; stand-in modules: "
+                    f"{', '.join(stand_ins) or 'none'})")
+    gpu = f", {torch.cuda.get_device_name()}" if torch.device(device).type == "cuda" else ""
+    print(f"torch {torch.__version__}, {versions}, threads {torch.get_num_threads()}, device {device}{gpu}")
     print(f"TopK SAE d_in={D_IN} n_features={N_FEATURES} k={K}; batch {BATCH}, Adam lr {LR:g}; "
           f"{tokens} training tokens ({tokens // BATCH} steps) each, {args.eval_tokens} held-out tokens")
-    print("Differences that cannot be removed:")
-    for line in describe_differences(dead_window, tokens // BATCH, args.saelens_b_dec):
-        print("  - " + line)
+    if other == "saelens":
+        print("Differences that cannot be removed:")
+        for line in describe_differences(dead_window, tokens // BATCH, args.saelens_b_dec):
+            print("  - " + line)
 
     t0 = time.perf_counter()
     data = SyntheticActivations(seed=args.seed)
-    train_batches = data.batches(tokens, BATCH, seed=args.seed + 1)
-    eval_batches = data.batches(max(BATCH, args.eval_tokens // BATCH * BATCH), BATCH, seed=args.seed + 2)
+    train_batches = [b.to(device) for b in data.batches(tokens, BATCH, seed=args.seed + 1)]
+    eval_batches = [b.to(device) for b in data.batches(max(BATCH, args.eval_tokens // BATCH * BATCH), BATCH,
+                                                       seed=args.seed + 2)]
     print(f"data generated in {time.perf_counter() - t0:.1f} s "
           f"(noise std {data.noise_std:.4f}, mean active {float(data.p.sum()):.1f})")
 
@@ -427,16 +578,18 @@ def main():
     if args.saelens_b_dec == "geometric-median":
         from sae_models.training import geometric_median
 
-        saelens_b_dec = geometric_median(torch.cat(train_batches[: 32768 // BATCH]))
+        saelens_b_dec = geometric_median(torch.cat(train_batches[: 32768 // BATCH]).cpu())
 
-    jobs = {
-        "ours": (train_batches, lambda it: run_ours(it, tokens, args.seed)),
-        "saelens": (train_batches, lambda it: run_saelens(it, tokens, args.seed, dead_window, saelens_b_dec)),
-    }
+    jobs = {"ours": (train_batches, lambda it: run_ours(it, tokens, args.seed, device, args.step_path, args.matmul))}
+    if other == "saelens":
+        jobs["saelens"] = (train_batches, lambda it: run_saelens(it, tokens, args.seed, dead_window, saelens_b_dec))
+    else:
+        jobs["sparsify"] = (train_batches, lambda it: run_sparsify(it, tokens, args.seed, device))
+    on_gpu = torch.device(device).type == "cuda"
     rows = []
     for r in range(args.rounds):
-        order = ["ours", "saelens"] if r % 2 == 0 else ["saelens", "ours"]
-        res = run_pair(order, jobs, interleave=not args.sequential)
+        order = ["ours", other] if r % 2 == 0 else [other, "ours"]
+        res = run_pair(order, jobs, interleave=not (args.sequential or on_gpu))
         for name in order:
             sae, info = res[name]
             info.update(score(sae, sae.encode, eval_batches))
@@ -450,9 +603,9 @@ def main():
             info["tok_s"] = fmt_rate(info["tokens"], info["wall_s"])
             info["tok_s_step"] = fmt_rate(BATCH, info["median_step_s"])
             print(f"round {r + 1} {name:8s}: {info['wall_s']:.1f} s computing, {info['tok_s']:.0f} tok/s "
-                  f"(median step {info['median_step_s']:.3f} s = {info['tok_s_step']:.0f} tok/s, mean step "
-                  f"{info['mean_step_s']:.3f} s), FVU {info['fvu']:.4f}, L0 {info['l0']:.2f}, "
-                  f"batches taken {info['batches_taken']}")
+                  f"(median step {info['median_step_s']:.4f} s = {info['tok_s_step']:.0f} tok/s, mean step "
+                  f"{info['mean_step_s']:.4f} s), FVU {info['fvu']:.4f}, L0 {info['l0']:.2f}, "
+                  f"batches taken {info['batches_taken']}" + (f"; {info['setting']}" if "setting" in info else ""))
             res[name] = info
         rows.append(res)
 
@@ -461,26 +614,26 @@ def main():
           f"{'L0':>6} {'never fired':>12}"
     print(hdr)
     for r, res in enumerate(rows):
-        for name in ("ours", "saelens"):
+        for name in ("ours", other):
             i = res[name]
             print(f"{r + 1:>5} {name:8} {i['tok_s']:>13.0f} {i['tok_s_step']:>13.0f} {i['fvu']:>8.4f} "
                   f"{i['mse']:>10.3e} {i['l0']:>6.2f} {i['never_fired']:>12.3f}")
-    ratio_call = [res["ours"]["tok_s"] / res["saelens"]["tok_s"] for res in rows]
-    ratio_step = [res["ours"]["tok_s_step"] / res["saelens"]["tok_s_step"] for res in rows]
-    dfvu = [res["ours"]["fvu"] - res["saelens"]["fvu"] for res in rows]
-    print(f"\nthroughput ours/SAELens (whole call): {statistics.median(ratio_call):.2f}x  "
+    ratio_call = [res["ours"]["tok_s"] / res[other]["tok_s"] for res in rows]
+    ratio_step = [res["ours"]["tok_s_step"] / res[other]["tok_s_step"] for res in rows]
+    dfvu = [res["ours"]["fvu"] - res[other]["fvu"] for res in rows]
+    print(f"\nthroughput ours/{other} (whole call): {statistics.median(ratio_call):.2f}x  "
           f"(per round: {', '.join(f'{x:.2f}' for x in ratio_call)})")
-    print(f"throughput ours/SAELens (median step): {statistics.median(ratio_step):.2f}x  "
+    print(f"throughput ours/{other} (median step): {statistics.median(ratio_step):.2f}x  "
           f"(per round: {', '.join(f'{x:.2f}' for x in ratio_step)})")
-    print(f"FVU ours - SAELens: {statistics.median(dfvu):+.4f}   "
-          f"(ours {rows[0]['ours']['fvu']:.4f}, SAELens {rows[0]['saelens']['fvu']:.4f})")
+    print(f"FVU ours - {other}: {statistics.median(dfvu):+.4f}   "
+          f"(ours {rows[0]['ours']['fvu']:.4f}, {other} {rows[0][other]['fvu']:.4f})")
     print(f"cross-check, sae_models.metrics.evaluate FVU of ours: {rows[0]['ours']['fvu_sae_models_metrics']}")
-    if "dead_at_end" in rows[0]["saelens"]:
+    if "dead_at_end" in rows[0].get("saelens", {}):
         print(f"SAELens dead features at the end (its own {dead_window}-step window): "
               f"{rows[0]['saelens']['dead_at_end']}; ours last log: {rows[0]['ours']['last_log']}")
 
     if args.profile_steps > 0:
-        profile_ours(train_batches, args.profile_steps, args.seed)
+        profile_ours(train_batches, args.profile_steps, args.seed, device, args.step_path, args.matmul)
 
 
 def our_dead_window_steps() -> int | None:

@@ -54,9 +54,11 @@ def _info(path: str, as_json: bool, block: str | None = None) -> int:
     return 0
 
 
-def _convert(src: str, dst: str, block: str | None = None) -> int:
+def _convert(src: str, dst: str, block: str | None = None, to: str = "native") -> int:
+    from .formats import saelens
+
     sae = load(src, block=block)
-    save(sae, dst)
+    (saelens.save if to == "saelens" else save)(sae, dst)
     print(f"wrote {dst} ({sae.config.architecture}, d_in={sae.d_in}, n_features={sae.n_features})")
     return 0
 
@@ -157,9 +159,13 @@ def main(argv=None) -> int:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--block", help="the block the SAE reads, where its files do not name it (e.g. double.18)")
-    p = sub.add_parser("convert", help="convert any readable SAE to the native .safetensors format")
+    p = sub.add_parser("convert", help="convert any readable SAE to the native .safetensors format, or to a "
+                       "SAELens folder")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--to", choices=["native", "saelens"], default="native",
+                   help="native: one .safetensors file; saelens: a SAELens inference folder (cfg.json, "
+                   "sae_weights.safetensors)")
     p.add_argument("--block", help="the block the SAE reads, where its files do not name it (e.g. double.18)")
 
     p = sub.add_parser("train", help="train the paper's TopK SAE on a dump folder")
@@ -218,7 +224,7 @@ def main(argv=None) -> int:
         if args.command == "info":
             return _info(args.path, args.json, args.block)
         if args.command == "convert":
-            return _convert(args.src, args.dst, args.block)
+            return _convert(args.src, args.dst, args.block, args.to)
         return {"train": _train, "stats": _stats, "eval": _eval}[args.command](args)
     except (SAEError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

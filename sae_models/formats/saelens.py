@@ -27,7 +27,10 @@ SAELens 5). Without a recorded factor the SAE cannot be used faithfully, so it i
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -242,3 +245,64 @@ def load(path) -> SparseAutoencoder:
     return assemble(
         w_path, config, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold, stats=stats
     )
+
+
+# -- writing -----------------------------------------------------------------------------------------
+# our architecture -> (SAELens's inference architecture, whether the scalar threshold becomes per-feature)
+_SAVED_AS = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu",
+             "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
+_NORMALIZE_SAVED = {"none": "none", "layer_norm": "layer_norm", "constant_norm_rescale": "constant_norm_rescale"}
+
+
+def save(sae: SparseAutoencoder, folder) -> Path:
+    """Write `sae` as a SAELens (>= 6) inference folder: `cfg.json`, `sae_weights.safetensors` and, when the
+    SAE has feature frequencies, `sparsity.safetensors`. BatchTopK and Matryoshka BatchTopK are written as
+    SAELens writes them after training, a jumprelu SAE whose per-feature threshold is the scalar one (the
+    same codes for a threshold >= 0). A `scale` normalisation is folded into the weights. The folder is
+    written beside its place and renamed into it; an existing non-empty folder is refused."""
+    from safetensors.torch import save_file
+
+    from ..files import fsync_path, temporary_name
+
+    c = sae.config
+    if c.architecture not in _SAVED_AS:
+        raise ValueError(f"a {c.architecture} SAE has no SAELens form")
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(17, "exists and is not an empty folder, not overwritten", str(folder))
+    W_enc, b_enc, W_dec, b_dec = (getattr(sae, n).detach().float().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    if c.normalize == "scale":  # x' = s x: fold s into the encoder, 1/s into the decoder and b_dec
+        s = float(c.input_scale)
+        W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
+    arch = _SAVED_AS[c.architecture]
+    tensors = {"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if arch == "jumprelu":
+        t = sae.threshold.detach().float().cpu()
+        tensors["threshold"] = t.expand(c.n_features).contiguous() if t.numel() == 1 else t.contiguous()
+    cfg = {
+        "architecture": arch, "d_in": c.d_in, "d_sae": c.n_features, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": bool(c.apply_b_dec_to_input),
+        "normalize_activations": _NORMALIZE_SAVED.get(c.normalize, "none"), "reshape_activations": "none",
+        "metadata": {"hook_name": c.block_diffusers or c.block, "model_name": c.base_model,
+                     "sae_models_architecture": c.architecture},
+    }
+    if arch == "topk":
+        cfg.update(k=c.k, rescale_acts_by_decoder_norm=False)
+    tmp = temporary_name(folder)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        if sae.stats.frequency is not None:
+            log_freq = torch.log10(sae.stats.frequency.detach().float().cpu() + 1e-10)
+            save_file({"sparsity": log_freq}, str(tmp / SPARSITY_FILE))
+        (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+        for f in tmp.iterdir():
+            fsync_path(f)
+        if folder.exists():
+            folder.rmdir()  # empty, checked above
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(folder.parent)
+    return folder

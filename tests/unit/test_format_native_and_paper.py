@@ -232,6 +232,12 @@ def test_cli_info_and_convert(tmp_path, capsys):
     dst = tmp_path / "out.safetensors"
     assert main(["convert", str(folder), str(dst)]) == 0
     assert sae_models.detect(dst)[0] == "native"
+    # the paper's SAE as a SAELens folder: read back, the same reconstructions
+    assert main(["convert", str(folder), str(tmp_path / "as_saelens"), "--to", "saelens"]) == 0
+    assert sae_models.detect(tmp_path / "as_saelens")[0] == "saelens"
+    x = torch.randn(8, sae_models.load(dst).d_in)
+    assert torch.allclose(sae_models.load(tmp_path / "as_saelens")(x), sae_models.load(dst)(x), atol=1e-5)
+    assert main(["convert", str(folder), str(tmp_path / "as_saelens"), "--to", "saelens"]) == 2  # not overwritten
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "no such file" in capsys.readouterr().err
 

@@ -389,3 +389,65 @@ def test_saelens_config_errors(tmp_path):
     (folder / "cfg.json").write_text("{broken")
     with pytest.raises(SAEFormatError, match="cfg.json.*not valid JSON"):
         sae_models.load(folder)
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+def _sae_of(arch, normalize="none", input_scale=1.0, threshold=0.3):
+    g = torch.Generator().manual_seed(4)
+    config = sae_models.SAEConfig(architecture=arch, d_in=D, n_features=N, k=K if arch in ("topk", "batchtopk",
+                                  "matryoshka_batchtopk") else None, block="up.0.1", base_model="sdxl-turbo",
+                                  normalize=normalize, input_scale=input_scale)
+    sae = sae_models.build(config)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(torch.randn(getattr(sae, name).shape, generator=g) * 0.5)
+        if "threshold" in sae.extra_tensors:
+            sae.threshold.fill_(threshold) if sae.threshold.numel() == 1 else sae.threshold.copy_(
+                torch.rand(N, generator=g) * 0.5)
+    sae.stats = sae_models.FeatureStats(frequency=torch.rand(N, generator=g) * 0.2)
+    return sae
+
+
+@pytest.mark.parametrize("arch, saved_as", [("topk", "topk"), ("batchtopk", "jumprelu"),
+                                            ("matryoshka_batchtopk", "jumprelu"), ("jumprelu", "jumprelu"),
+                                            ("relu", "standard")])
+@pytest.mark.parametrize("normalize, scale", [("none", 1.0), ("scale", 0.25), ("layer_norm", 1.0)])
+def test_written_folder_is_what_saelens_computes(tmp_path, arch, saved_as, normalize, scale):
+    """The folder the pack writes, read with SAELens's math written out above (not the pack's reader), gives
+    the pack's codes and reconstructions; the pack's reader loads it back; frequencies survive."""
+    from safetensors.torch import load_file
+
+    sae = _sae_of(arch, normalize, scale)
+    folder = sae_models.formats.saelens.save(sae, tmp_path / "out")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == saved_as and (cfg["d_in"], cfg["d_sae"]) == (D, N)
+    assert cfg["metadata"]["hook_name"] == "up_blocks.0.attentions.1"  # the block in diffusers naming
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    assert w["W_enc"].shape == (D, N)
+    x = torch.randn(32, D, generator=torch.Generator().manual_seed(1)) * 2
+    norm = "none" if normalize == "scale" else normalize  # a scale is folded into the weights
+    assert cfg["normalize_activations"] == norm
+    codes = saelens_encode(w, saved_as, x, k=cfg.get("k", K), normalize=norm)
+    assert torch.allclose(codes, sae.encode(x), atol=1e-5)
+    assert torch.allclose(saelens_forward(w, saved_as, x, normalize=norm), sae(x), atol=1e-4)
+    back = sae_models.load(folder)
+    assert back.config.block == "up.0.1" and torch.allclose(back(x), sae(x), atol=1e-4)
+    assert torch.allclose(back.stats.frequency, sae.stats.frequency, atol=1e-6)
+
+
+def test_writing_refuses_a_folder_with_files_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    sae = _sae_of("topk")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "cfg.json").write_text("{}")
+    with pytest.raises(FileExistsError):
+        sae_models.formats.saelens.save(sae, tmp_path / "taken")
+    assert (tmp_path / "taken" / "cfg.json").read_text() == "{}"
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    with pytest.raises(OSError, match="No space"):
+        sae_models.formats.saelens.save(sae, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
