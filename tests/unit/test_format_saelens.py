@@ -451,3 +451,18 @@ def test_writing_refuses_a_folder_with_files_and_leaves_nothing_half_written(tmp
     with pytest.raises(OSError, match="No space"):
         sae_models.formats.saelens.save(sae, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu"])
+def test_written_folder_loads_in_saelens_itself(tmp_path, arch):
+    """Where SAELens is installed (the training bench's environment), SAELens's own loader reads the folder
+    and computes the pack's codes and reconstructions."""
+    sae_lens = pytest.importorskip("sae_lens")
+    ours = _sae_of(arch, "scale", 0.25)
+    folder = sae_models.formats.saelens.save(ours, tmp_path / "out")
+    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(2)) * 2
+    with torch.no_grad():
+        codes = theirs.encode(x)
+        assert torch.allclose(codes, ours.encode(x), atol=1e-5)
+        assert torch.allclose(theirs.decode(codes), ours(x), atol=1e-5)
