@@ -1,11 +1,11 @@
-"""Training the paper's TopK SAE (and BatchTopK) on activation vectors.
+"""Training the paper's TopK SAE (and BatchTopK, Matryoshka BatchTopK) on activation vectors.
 
     sae = train(batches, n_features=5120, k=10)        # options: the fields of `TrainConfig`
 
 Modules: `recipe` (the paper's recipe, documented there: init, loss, AuxK, decoder constraints),
 `config` (`TrainConfig`), `trainer` (`Trainer`, `train`: the loop, logging, checkpoints), `rebatcher`
-(fixed-size batches with a resumable state), `sparse_ops` (the sparse autograd functions of the step),
-`distributed` (data-parallel helpers).
+(fixed-size batches with a resumable state), `sparse_ops` and `pair_ops` (the sparse autograd functions of
+the step's CPU and GPU paths), `distributed` (data-parallel helpers).
 """
 
 from .config import TrainConfig

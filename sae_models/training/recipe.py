@@ -1,4 +1,4 @@
-"""Training the paper's TopK SAE (and BatchTopK) on activation vectors.
+"""Training the paper's TopK SAE (and BatchTopK, Matryoshka BatchTopK) on activation vectors.
 
 The recipe is the one of the paper's training code (Surkov et al., "Unpacking SDXL Turbo", github
 surkovv/sdxl-unbox, `scripts/train_sae.py` and `SAE/sae.py`), which is adapted from OpenAI's
@@ -38,6 +38,11 @@ BatchTopK (Bussmann, Leask & Nanda 2024, arXiv 2412.06410): the same loop with t
 the inference threshold is the average over batches of the minimum positive activation kept by the batch
 top-k: here the mean over the last `threshold_batches` training steps, written into `sae.threshold`
 after each step and at the end.
+
+Matryoshka BatchTopK (Bussmann et al. 2025, arXiv 2503.17547; Nabeshima 2024): BatchTopK whose nested
+prefixes of the dictionary (`widths`, the last = n_features) each reconstruct on their own: the loss adds,
+for every inner width w, `mse_scale * mean((z[:, :w] @ W_dec[:w] + b_dec - x)^2)` (the same terms SAELens's
+`MatryoshkaBatchTopKTrainingSAE` adds, in this recipe's MSE scale); AuxK as BatchTopK's.
 
 Distributed (`torch.distributed` initialised, e.g. under torchrun): the model is wrapped in
 `DistributedDataParallel` (gradients averaged); each rank reads its own rank-disjoint `batches` with
