@@ -70,6 +70,7 @@ class Trainer:
         self.path = "gpu" if gpu else "cpu"
         # the host reads values back only every `sync_every` steps on the GPU path (logging, dead candidates)
         self.sync_every = config.log_every or 100
+        self._agreed = None  # across ranks: the pending answer of `_agree_on_next_batch`
 
         ckpt = self._read_checkpoint()
         if ckpt is None:
@@ -159,6 +160,7 @@ class Trainer:
             if not self._has_batch():
                 break
             x = self.data.take(c.batch_size)
+            self._agree_on_next_batch()
             loss, info = self.train_step(x)
             if self.step % self.sync_every == 0:
                 if c.log_every:
@@ -171,12 +173,34 @@ class Trainer:
                 self.save_checkpoint()
 
     def _has_batch(self) -> bool:
-        """Whether every rank has a next batch (in one process a host-side check, no device value read)."""
-        mine = self.data.fill(self.cfg.batch_size)
+        """Whether every rank has a next batch. In one process a host-side check. Across ranks the answer to
+        "does every rank have batch t" was all-reduced while step t-1 was queued (`_agree_on_next_batch`),
+        so reading it waits for that reduction only, not for the GPU's queue to drain."""
         if self.world == 1:
-            return mine
-        ok = torch.full((1,), int(mine), device=self.device)
-        return bool(int(distributed.all_reduce(ok, "min")))
+            return self.data.fill(self.cfg.batch_size)
+        agreed, self._agreed = self._agreed, None
+        if agreed is None:  # the first step after start or resume
+            self._agree_on_next_batch()
+            agreed, self._agreed = self._agreed, None
+        flag, done = agreed
+        if done is not None:
+            done.synchronize()
+        return bool(int(flag[0]))
+
+    def _agree_on_next_batch(self) -> None:
+        """Start the all-reduce (min over ranks) of whether this rank has its next batch."""
+        if self.world == 1:
+            return
+        flag = torch.full((1,), int(self.data.fill(self.cfg.batch_size)), device=self.device)
+        distributed.all_reduce(flag, "min")
+        if self.device.type != "cuda":  # gloo: the reduction has finished
+            self._agreed = (flag, None)
+            return
+        host = torch.empty(1, dtype=flag.dtype, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._agreed = (host, done)
 
     def fit(self) -> SparseAutoencoder:
         """Train until `max_tokens` or until any rank's data ends; the SAE, in eval mode, with its

@@ -1,6 +1,7 @@
 """Data-parallel training: 2 CPU processes (gloo) with batch B each == 1 process with batch 2B, on both step
 paths (the GPU path's code run on the CPU)."""
 
+import datetime
 import os
 
 import pytest
@@ -27,11 +28,15 @@ def _rank_rows(x, rank):
     return x.view(STEPS, 2, B, D)[:, rank].reshape(-1, D)
 
 
-def _worker(rank, init_file, out_dir, path):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def _worker(rank, init_file, out_dir, path, short_rank=None):
+    # a collective that waits longer than this raises (the test fails) instead of hanging
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
         x = _rank_rows(_data(), rank)
+        if rank == short_rank:
+            x = x[: (STEPS - 4) * B + B // 2]  # 20 whole batches and half of one
         sae = train(list(x.split(50)), batch_size=B, step_path=path, **OPTS)
         dist.barrier()
     finally:
@@ -55,3 +60,12 @@ def test_two_ranks_equal_one_process_with_double_batch(tmp_path, path):
     for name in ("W_dec", "b_dec", "W_enc", "b_enc"):
         diff = (ddp[name] - getattr(single, name).detach()).abs().max()
         assert diff < 1e-4, (name, float(diff))
+
+
+@pytest.mark.slow
+def test_ranks_stop_together_when_one_runs_out_of_data(tmp_path):
+    """Rank 1 has 20 batches, rank 0 has 24: every rank stops after step 20 (their answers to "do all ranks
+    have the next batch" are agreed on one step ahead)."""
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), "gpu", 1), nprocs=2,
+                       start_method="spawn")
+    assert torch.load(tmp_path / "ddp.pt", weights_only=True)["steps"] == STEPS - 4
