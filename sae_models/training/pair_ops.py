@@ -22,7 +22,7 @@ class _PairDecode(torch.autograd.Function):
         act = pre.relu()
         slot = rows if n_levels == 1 else level * n_rows + rows
         out = W_dec.new_zeros(n_levels * n_rows, W_dec.shape[1])
-        out.index_add_(0, slot, W_dec[idx] * act[:, None])
+        out.index_add_(0, slot, W_dec.index_select(0, idx).mul_(act[:, None]))
         ctx.save_for_backward(pre, x, W_enc, b_dec, W_dec, rows, idx, slot)
         ctx.n_levels, ctx.n_rows = n_levels, n_rows
         return out.view(n_levels, n_rows, -1)
@@ -31,11 +31,11 @@ class _PairDecode(torch.autograd.Function):
     def backward(ctx, grad_out):
         pre, x, W_enc, b_dec, W_dec, rows, idx, slot = ctx.saved_tensors
         n, L = W_dec.shape[0], ctx.n_levels
-        g = grad_out.reshape(L * ctx.n_rows, -1)[slot]  # [pairs, d_in]
+        g = grad_out.reshape(L * ctx.n_rows, -1).index_select(0, slot)  # [pairs, d_in]
         act = pre.relu()
-        grad_pre = (g * W_dec[idx]).sum(-1) * (pre > 0)
+        grad_pre = (g * W_dec.index_select(0, idx)).sum(-1).mul_(pre > 0)
         grad_W_dec = torch.zeros_like(W_dec).index_add_(0, idx, g.mul_(act[:, None]))
-        grad_W_enc = torch.zeros_like(W_enc).index_add_(0, idx, (x - b_dec)[rows].mul_(grad_pre[:, None]))
+        grad_W_enc = torch.zeros_like(W_enc).index_add_(0, idx, (x - b_dec).index_select(0, rows).mul_(grad_pre[:, None]))
         grad_b_enc = W_enc.new_zeros(n).index_add_(0, idx, grad_pre)
         # pre = W_enc (x - b_dec) + b_enc, so d b_dec = -sum over latents of d b_enc[f] * W_enc[f]
         return None, None, grad_W_enc, grad_b_enc, -(grad_b_enc @ W_enc), grad_W_dec, None, None, None, None, None
@@ -52,14 +52,14 @@ def pair_decode(pre, x, W_enc, b_enc, b_dec, W_dec, rows, idx, n_rows: int, leve
 class _DenseSubsetDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, codes, x, W_enc, b_enc, b_dec, W_dec, latents):
-        Wd = W_dec[latents]
+        Wd = W_dec.index_select(0, latents)
         ctx.save_for_backward(codes, x, W_enc, b_dec, W_dec, latents)
         return codes @ Wd
 
     @staticmethod
     def backward(ctx, g):
         codes, x, W_enc, b_dec, W_dec, latents = ctx.saved_tensors
-        grad_pre = (g @ W_dec[latents].T).mul_(codes > 0)
+        grad_pre = (g @ W_dec.index_select(0, latents).T).mul_(codes > 0)
         grad_W_dec = torch.zeros_like(W_dec).index_copy_(0, latents, codes.T @ g)
         grad_W_enc = torch.zeros_like(W_enc).index_copy_(0, latents, grad_pre.T @ (x - b_dec))
         grad_b_enc = W_enc.new_zeros(W_enc.shape[0]).index_copy_(0, latents, grad_pre.sum(0))
