@@ -379,7 +379,10 @@ def run_sparsify(it: TimedIterator, tokens: int, seed: int, device: str):
     finally:
         it.stop()
     sae.eval()
-    return _SparsifyModel(sae), {"tokens": steps * BATCH, "setting": f"decoder {decoder}, its bf16 autocast",
+    # its forward runs under autocast("cuda", bfloat16) where the GPU supports bfloat16; on the CPU in fp32
+    bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+    setting = f"decoder {decoder}, forward in {'bf16 (its autocast)' if bf16 else 'fp32'}"
+    return _SparsifyModel(sae), {"tokens": steps * BATCH, "setting": setting,
                                  "train_fvu_mean": fvu_sum / max(steps, 1)}
 
 

@@ -24,6 +24,9 @@ from .schema import CATEGORY, SAE, checked_numbers
 NODE = "SAE Train"
 ONLY_BLOCK = "the dump's only block"
 ARCHS = ["topk", "batchtopk", "matryoshka_batchtopk"]
+# On a GPU a step takes milliseconds and each progress report reads values back from it (a stall): report
+# (and notice an interrupt) every 25 steps there, every step on the CPU.
+_LOG_EVERY_GPU = 25
 
 
 def _dump_block(node: str, folder: str, choice: str) -> str:
@@ -117,7 +120,7 @@ class TrainSAE(io.ComfyNode):
                                      architecture=architecture, batch_size=batch_size, lr=lr,
                                      max_tokens=max_tokens or None, seed=seed, base_model=arch.name if arch else None,
                                      checkpoint_dir=checkpoints, remove_checkpoints=True, callback=progress,
-                                     log_every=1)
+                                     log_every=_LOG_EVERY_GPU if torch.cuda.is_available() else 1)
         except shards.DumpFormatError as e:
             raise NodeInputError(NODE, str(e)) from None
         m = done.metrics
