@@ -15,6 +15,7 @@ import comfy.utils
 from ..sae_models import shards
 from ..sae_models.blocks import SDXL, SHORT_NAMES, arch_of
 from ..sae_models.pipeline import train_on_dump
+from ..sae_models.training.config import ARCHITECTURES as TRAINABLE_ARCHITECTURES
 from . import paths
 from .errors import NodeInputError, excerpt, validation_answers
 from .sae_folder import sae_file, sae_root
@@ -23,7 +24,7 @@ from .schema import CATEGORY, SAE, checked_numbers
 
 NODE = "SAE Train"
 ONLY_BLOCK = "the dump's only block"
-ARCHS = ["topk", "batchtopk", "matryoshka_batchtopk"]
+ARCHS = list(TRAINABLE_ARCHITECTURES)
 # On a GPU a step takes milliseconds and each progress report reads values back from it (a stall): report
 # (and notice an interrupt) every 25 steps there, every step on the CPU.
 _LOG_EVERY_GPU = 25

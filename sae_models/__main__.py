@@ -19,6 +19,7 @@ import time
 
 from . import detect, load, save
 from .errors import SAEError
+from .training.config import ARCHITECTURES as TRAINABLE_ARCHITECTURES, MATMUL_PRECISIONS, STEP_PATHS
 
 
 def _info(path: str, as_json: bool, block: str | None = None) -> int:
@@ -174,13 +175,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--n-features", type=int, default=5120)
     p.add_argument("-k", "--k", type=int, default=10)
-    p.add_argument("--architecture", choices=["topk", "batchtopk", "matryoshka_batchtopk"], default="topk")
+    p.add_argument("--architecture", choices=TRAINABLE_ARCHITECTURES, default="topk")
     p.add_argument("--matryoshka-widths", type=_widths, default=None,
                    help="matryoshka_batchtopk: nested prefix widths, e.g. 320,640,1280,2560,5120 (the default "
                    "for 5120 features: n/16 doubling up to n)")
-    p.add_argument("--step-path", choices=["auto", "cpu", "gpu"], default="auto",
+    p.add_argument("--step-path", choices=STEP_PATHS, default="auto",
                    help="the training step's kernels: auto = gpu on a CUDA device")
-    p.add_argument("--matmul", choices=["fp32", "tf32", "bf16"], default="fp32",
+    p.add_argument("--matmul", choices=MATMUL_PRECISIONS, default="fp32",
                    help="the big matrix products: fp32 (the paper's recipe), tf32 (CUDA) or bf16 (the "
                    "encoder under autocast): faster, less exact")
     p.add_argument("--auxk", type=int, default=256)

@@ -248,10 +248,12 @@ def load(path) -> SparseAutoencoder:
 
 
 # -- writing -----------------------------------------------------------------------------------------
-# our architecture -> (SAELens's inference architecture, whether the scalar threshold becomes per-feature)
+# our architecture -> SAELens's inference architecture (BatchTopK's scalar threshold becomes per-feature)
 _SAVED_AS = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu",
              "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
-_NORMALIZE_SAVED = {"none": "none", "layer_norm": "layer_norm", "constant_norm_rescale": "constant_norm_rescale"}
+# our normalisation -> SAELens's (`scale` is folded into the weights, so none is left)
+_NORMALIZE_SAVED = {"none": "none", "scale": "none", "layer_norm": "layer_norm",
+                    "constant_norm_rescale": "constant_norm_rescale"}
 
 
 def save(sae: SparseAutoencoder, folder) -> Path:
@@ -282,7 +284,7 @@ def save(sae: SparseAutoencoder, folder) -> Path:
     cfg = {
         "architecture": arch, "d_in": c.d_in, "d_sae": c.n_features, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": bool(c.apply_b_dec_to_input),
-        "normalize_activations": _NORMALIZE_SAVED.get(c.normalize, "none"), "reshape_activations": "none",
+        "normalize_activations": _NORMALIZE_SAVED[c.normalize], "reshape_activations": "none",
         "metadata": {"hook_name": c.block_diffusers or c.block, "model_name": c.base_model,
                      "sae_models_architecture": c.architecture},
     }

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import metrics
-from ..architectures import SparseAutoencoder, build
+from ..architectures import BatchTopKSAE, SparseAutoencoder, build
 from ..files import atomic_target
 from ..metadata import SAEConfig
 from . import distributed
@@ -166,7 +166,7 @@ class Trainer:
                 if c.log_every:
                     self.log(x, loss, info)
                 if self.path == "gpu":
-                    self.loss.refresh_candidates(self.sync_every)
+                    self.loss.refresh_candidates()
             if self.eval_batches is not None and c.eval_every and self.step % c.eval_every == 0:
                 self.evaluate()
             if self.ckpt_path is not None and c.checkpoint_every and self.step % c.checkpoint_every == 0:
@@ -207,16 +207,6 @@ class Trainer:
         hyperparameters (and the final evaluation) in its config."""
         with _matmul_precision(self.cfg.matmul):
             self._loop()
-            if self.eval_batches is not None and c.eval_every and self.step % c.eval_every == 0:
-                self.evaluate()
-            if self.ckpt_path is not None and c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                self.save_checkpoint()
-
-    def fit(self) -> SparseAutoencoder:
-        """Train until `max_tokens` or until any rank's data ends; the SAE, in eval mode, with its
-        hyperparameters (and the final evaluation) in its config."""
-        with _matmul_precision(self.cfg.matmul):
-            self._loop()
         self._set_threshold()
         if self.ckpt_path is not None:
             self.save_checkpoint()
@@ -247,7 +237,8 @@ class Trainer:
 
     @property
     def batchtopk(self) -> bool:
-        return self.cfg.architecture in ("batchtopk", "matryoshka_batchtopk")
+        """Whether the SAE learns BatchTopK's inference threshold (Matryoshka's subclass included)."""
+        return isinstance(self.sae, BatchTopKSAE)
 
     def _new_window(self, minima) -> None:
         """BatchTopK's window of the last `threshold_batches` batch minima, on the device (a ring), started
