@@ -162,10 +162,6 @@ class TrainingLoss(nn.Module):
         self.stats_last_nonzero.mul_((fired == 0).long()).add_(1)
         return self.stats_last_nonzero > self.dead_steps_threshold
 
-    def _mse_terms(self, x: torch.Tensor, inner: list[torch.Tensor]) -> torch.Tensor:
-        """Matryoshka: the MSE of each inner prefix's reconstruction, summed (scaled as the main MSE)."""
-        return sum((r - x).pow(2).mean() for r in inner) * self.mse_scale
-
     @torch.no_grad()
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         """The pre-activations `W_enc (x - b_dec) + b_enc`, float32; with `bf16_encoder` the product runs in
@@ -179,11 +175,22 @@ class TrainingLoss(nn.Module):
     def forward(self, x: torch.Tensor):
         return self._forward_gpu(x) if self.path == "gpu" else self._forward_cpu(x)
 
-    def _aux_loss(self, x, x_hat, aux_hat):
-        target = x - x_hat.detach() + self.sae.b_dec.detach()
-        ss, count = distributed.global_centered_sq(target)
-        denom = ss / (count * x.shape[1])
-        return self.auxk_coef * ((aux_hat - target).pow(2).mean() / denom).nan_to_num(0)
+    def _loss(self, x, x_hat, inner, aux_hat, values, dead):
+        """The loss from the reconstructions either path made: `mse_scale * MSE`, plus Matryoshka's inner
+        prefixes' MSEs (`inner`, same scale), plus the AuxK term on `aux_hat` (None without AuxK)."""
+        mse = (x_hat - x).pow(2).mean()
+        loss = self.mse_scale * mse
+        if inner:
+            loss = loss + sum((r - x).pow(2).mean() for r in inner) * self.mse_scale
+        aux_loss = x.new_zeros(())
+        if aux_hat is not None:
+            target = x - x_hat.detach() + self.sae.b_dec.detach()
+            ss, count = distributed.global_centered_sq(target)
+            denom = ss / (count * x.shape[1])
+            aux_loss = self.auxk_coef * ((aux_hat - target).pow(2).mean() / denom).nan_to_num(0)
+            loss = loss + aux_loss
+        return loss, {"mse": mse.detach(), "aux_loss": aux_loss.detach(), "x_hat": x_hat.detach(),
+                      "n_active": (values > 0).sum(), "dead": dead}
 
     # -- the CPU path ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -221,18 +228,10 @@ class TrainingLoss(nn.Module):
                               torch.cat([rows, arows]), torch.cat([i, ai]))
         main_v, aux_v = vals[: v.numel()].relu(), vals[v.numel() :].relu()
         x_hat = sparse_decode(main_v, sae.W_dec, rows, i, B) + sae.b_dec
-        mse = (x_hat - x).pow(2).mean()
-        loss = self.mse_scale * mse
-        if self.widths:
-            inner = [sparse_decode(main_v[i < w], sae.W_dec, rows[i < w], i[i < w], B) + sae.b_dec
-                     for w in self.widths[:-1]]
-            loss = loss + self._mse_terms(x, inner)
-        aux_loss = x.new_zeros(())
-        if self.auxk:
-            aux_loss = self._aux_loss(x, x_hat, sparse_decode(aux_v, sae.W_dec, arows, ai, B) + sae.b_dec)
-            loss = loss + aux_loss
-        return loss, {"mse": mse.detach(), "aux_loss": aux_loss.detach(), "x_hat": x_hat.detach(),
-                      "n_active": (v > 0).sum(), "dead": dead}
+        inner = [sparse_decode(main_v[i < w], sae.W_dec, rows[i < w], i[i < w], B) + sae.b_dec
+                 for w in (self.widths or ())[:-1]]
+        aux_hat = sparse_decode(aux_v, sae.W_dec, arows, ai, B) + sae.b_dec if self.auxk else None
+        return self._loss(x, x_hat, inner, aux_hat, v, dead)
 
     # -- the GPU path ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -288,20 +287,11 @@ class TrainingLoss(nn.Module):
         params = (sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec)
         if self.widths:
             level = torch.bucketize(i, self._bounds, right=True)
-            parts = pair_decode(v, x, *params, rows, i, B, level, len(self.widths))
-            recon = parts.cumsum(0) + sae.b_dec
-            x_hat = recon[-1]
+            recon = pair_decode(v, x, *params, rows, i, B, level, len(self.widths)).cumsum(0) + sae.b_dec
         else:
-            x_hat = pair_decode(v, x, *params, rows, i, B)[0] + sae.b_dec
-        mse = (x_hat - x).pow(2).mean()
-        loss = self.mse_scale * mse
-        if self.widths:
-            loss = loss + self._mse_terms(x, list(recon[:-1]))
-        aux_loss = x.new_zeros(())
+            recon = pair_decode(v, x, *params, rows, i, B) + sae.b_dec
+        aux_hat = None
         if self.auxk:
             aux_hat = sae.b_dec if aux_codes is None else (
                 dense_subset_decode(aux_codes, x, *params, self.candidates) + sae.b_dec)
-            aux_loss = self._aux_loss(x, x_hat, aux_hat)
-            loss = loss + aux_loss
-        return loss, {"mse": mse.detach(), "aux_loss": aux_loss.detach(), "x_hat": x_hat.detach(),
-                      "n_active": (v > 0).sum(), "dead": dead}
+        return self._loss(x, recon[-1], list(recon[:-1]), aux_hat, v, dead)
