@@ -86,6 +86,9 @@ const STYLE = `
 .sae-wb .ranking button { text-align: left; }
 .sae-wb .ranking button.sel { border-color: #ffcc33; }
 .sae-wb .dim { opacity: .7; font-size: 12px; }
+.sae-wb .msg { line-height: 16px; overflow-y: auto; overflow-wrap: anywhere; }
+.sae-wb .msg-2 { height: 32px; }
+.sae-wb .msg-3 { height: 48px; }
 .sae-wb .thumbs { display: grid; grid-template-columns: repeat(3, 1fr); gap: 4px; }
 .sae-wb .thumbs img, .sae-wb .icon img, .sae-wb .released img { width: 100%; display: block; }
 .sae-wb .compare { display: grid; grid-template-columns: 1fr 1fr; gap: 4px; }
@@ -119,7 +122,9 @@ const root = el("div", { class: "sae-wb", "data-testid": "sae-workbench" },
       el("button", { "data-testid": "sae-show", on: { click: () => selectFeature(Number($.featureId.value), true) } }, "show"),
       el("label", { title: "Opacity of the heatmap over the image" }, "heatmap ", field("alpha", el("input", { type: "range", min: 0, max: 1, step: 0.05, value: 0.6,
         "data-testid": "sae-alpha", on: { input: () => { $.overlay.style.opacity = $.alpha.value; } } })))),
-    field("detail", el("div", { "data-testid": "sae-detail", class: "dim" })),
+    // The status and the feature's line have fixed heights: a message of another length must not move the
+    // lists under the pointer (a click pressed on one button and released on the next is lost).
+    field("detail", el("div", { "data-testid": "sae-detail", class: "dim msg msg-3" })),
     el("div", { class: "row" },
       field("paintMode", el("button", { "data-testid": "sae-paint-mode", title: "Paint on the image where the feature should act", on: { click: () => setMode(state.mode === "paint" ? "view" : "paint") } }, "brush")),
       el("label", {}, "size ", field("brush", el("input", { type: "number", min: 1, max: 512, value: 48, style: "width:4.5em", "data-testid": "sae-brush" }))),
@@ -134,7 +139,7 @@ const root = el("div", { class: "sae-wb", "data-testid": "sae-workbench" },
         " of denoising"),
       el("button", { "data-testid": "sae-apply", title: "Paint the feature into the graph and run it", on: { click: () => applyPaint() } }, "Apply"),
       el("button", { "data-testid": "sae-icon", title: "The paper's feature icon: empty prompt, the block's update replaced by k × mean × the feature", on: { click: () => featureIcon() } }, "feature icon")),
-    field("status", el("div", { class: "dim", "data-testid": "sae-status" }, "Run a graph with SAE Top Features to see its features here.")))),
+    field("status", el("div", { class: "dim msg msg-2", "data-testid": "sae-status" }, "Run a graph with SAE Top Features to see its features here.")))),
   field("compare", el("div", { class: "compare", "data-testid": "sae-compare" })),
   field("icon", el("div", { class: "icon", "data-testid": "sae-icon-result" })),
   el("h4", {}, "Top features ", el("span", { class: "dim" }, "(by mean activation over the image)")),
@@ -163,7 +168,10 @@ const root = el("div", { class: "sae-wb", "data-testid": "sae-workbench" },
   field("labelHits", el("div", { class: "ranking", "data-testid": "sae-label-hits" })),
 );
 
-function setStatus(text) { $.status.textContent = text; }
+function setStatus(text) {
+  $.status.textContent = text;
+  $.status.title = text; // the whole message, where it is longer than the two lines shown
+}
 
 // ---- runs, blocks, features ----
 
@@ -199,19 +207,28 @@ async function selectRun(id) {
   $.runSelect.value = id;
   const run = currentRun();
   if (!run) return;
-  $.blockSelect.replaceChildren(...run.blocks.map((b) => el("option", { value: b.block }, blockTitle(b))));
+  const titles = run.blocks.map(blockTitle);
+  if ($.blockSelect.dataset.key !== JSON.stringify(titles)) { // rebuilt only when the run's blocks change
+    $.blockSelect.dataset.key = JSON.stringify(titles);
+    $.blockSelect.replaceChildren(...run.blocks.map((b, i) => el("option", { value: b.block }, titles[i])));
+    if (run.blocks.some((b) => b.block === state.block)) $.blockSelect.value = state.block;
+  }
   state.image = 0;
-  await new Promise((resolve) => {
-    $.image.onload = resolve;
-    $.image.onerror = resolve;
-    $.image.src = api.apiURL(`/sae_unbox/workbench/image?run=${encodeURIComponent(id)}&index=0`);
-  });
+  const src = api.apiURL(`/sae_unbox/workbench/image?run=${encodeURIComponent(id)}&index=0`);
+  if ($.image.dataset.src !== src || !$.image.complete) { // a refresh of the run shown keeps its image
+    $.image.dataset.src = src;
+    await new Promise((resolve) => {
+      $.image.onload = resolve;
+      $.image.onerror = resolve;
+      $.image.src = src;
+    });
+  }
   if (state.run !== id) return; // another run was chosen meanwhile
   sizePaint();
   showComparison(run);
   const has = (name) => run.blocks.some((b) => b.block === name);
   const block = has(state.want.block) ? state.want.block : has(state.block) ? state.block : run.blocks[0]?.block;
-  await selectBlock(block);
+  await selectBlock(block, { refresh: true });
 }
 
 async function loadLabels(sae) {
@@ -234,27 +251,41 @@ function labelText(sae, feature) {
   return label ? `${label}${category ? ` [${category}]` : ""}` : "";
 }
 
-async function selectBlock(name) {
+// `refresh`: called for a refresh of the runs; a feature already shown for this run and block is then left as it
+// is (its heatmap, top images and the painting in progress).
+async function selectBlock(name, { refresh = false } = {}) {
   state.block = name;
   $.blockSelect.value = name;
-  const b = currentBlock();
+  const run = state.run;
+  if (!currentBlock()) return;
+  await loadLabels(currentBlock().sae);
+  if (state.block !== name || state.run !== run) return; // another block or run was chosen meanwhile
+  const b = currentBlock(); // the newest description of it: the runs may have been refreshed meanwhile
   if (!b) return;
-  await loadLabels(b.sae);
-  if (state.block !== name || currentBlock() !== b) return; // another block or run was chosen meanwhile
-  $.ranking.dataset.block = name;
-  $.ranking.replaceChildren(...b.ranking.map((f) => {
+  const rows = b.ranking.map((f) => {
     const text = labelText(b.sae, f.feature);
-    return el("button", { "data-testid": `sae-feature-${f.feature}`, title: "mean activation over the image",
-      on: { click: () => selectFeature(f.feature, true) } },
-    `#${f.feature} · mean ${f.mean_activation.toPrecision(3)}${text ? " · " + text : ""}`);
-  }));
+    return [f.feature, `#${f.feature} · mean ${f.mean_activation.toPrecision(3)}${text ? " · " + text : ""}`];
+  });
+  // A refresh that changes nothing here (the run's later nodes reporting) keeps the buttons: rebuilt under the
+  // pointer, a click pressed on the old button and released on the new one would be lost.
+  const key = JSON.stringify([name, rows]);
+  if ($.ranking.dataset.key !== key) {
+    $.ranking.dataset.key = key;
+    $.ranking.replaceChildren(...rows.map(([feature, text]) => el("button", { "data-testid": `sae-feature-${feature}`,
+      title: "mean activation over the image", on: { click: () => selectFeature(feature, true) } }, text)));
+    for (const btn of $.ranking.children) btn.classList.toggle("sel", btn.dataset.testid === `sae-feature-${state.feature}`);
+  }
+  $.ranking.dataset.block = name;
   $.paperLabels.style.display = b.label_set ? "" : "none";
-  setStatus(`${b.block}: ${b.grid[0]}×${b.grid[1]} positions, SAE ${b.sae}`);
   showLabelSearch();
   const wanted = state.want.block === name && Number.isInteger(state.want.feature) && state.want.feature < b.n_features;
   const keep = wanted ? state.want.feature : b.ranking[0]?.feature;
+  if (refresh && keep === state.feature && $.overlay.dataset.shown === shownKey(keep)) return; // status kept too
+  setStatus(`${b.block}: ${b.grid[0]}×${b.grid[1]} positions, SAE ${b.sae}`);
   if (keep !== undefined && keep !== null) await selectFeature(keep);
 }
+
+const shownKey = (feature) => JSON.stringify([state.run, state.block, feature]);
 
 export async function selectFeature(feature, chosen = false) {
   const b = currentBlock();
@@ -264,6 +295,7 @@ export async function selectFeature(feature, chosen = false) {
     $.featureId.value = state.feature ?? "";
     return;
   }
+  const run = state.run;
   if (chosen) choose(b.block, feature);
   if (state.feature !== feature) $.icon.replaceChildren(); // the icon shown was another feature's
   state.feature = feature;
@@ -277,14 +309,17 @@ export async function selectFeature(feature, chosen = false) {
     setStatus(String(e.message || e));
     return;
   }
-  if (state.feature !== feature || currentBlock() !== b) return; // superseded by a newer choice
+  // superseded by a newer choice (a refresh of the same run is not one: the run's codes do not change)
+  if (state.feature !== feature || state.run !== run || state.block !== b.block) return;
   drawHeat(heat);
+  $.overlay.dataset.shown = shownKey(feature);
   const { label } = labelOf(b.sae, feature);
   $.labelInput.value = label;
   const text = labelText(b.sae, feature);
   const stats = Object.entries(heat.stats).map(([k, v]) => `${k} ${Number(v).toPrecision(3)}`).join(", ");
   $.detail.textContent = `#${feature} on ${b.block}${text ? ` — ${text}` : ""}: max here ${heat.max.toPrecision(3)}` +
     (stats ? `; over the SAE's data: ${stats}` : "");
+  $.detail.title = $.detail.textContent;
   setStatus(`#${feature} on ${b.block}`);
   showTopImages(b, feature);
 }
@@ -314,7 +349,8 @@ async function showTopImages(b, feature) {
   $.topNote.textContent = "";
   // a later call (another feature, or the same one again after a run) supersedes this one
   const call = ++topImagesCall;
-  const stale = () => call !== topImagesCall || state.feature !== feature || currentBlock() !== b;
+  const run = state.run;
+  const stale = () => call !== topImagesCall || state.feature !== feature || state.run !== run || state.block !== b.block;
   try {
     if (b.index) {
       const page = await getJSON(`/sae_unbox/features?sae=${encodeURIComponent(b.sae)}&q=${encodeURIComponent("#" + feature)}&limit=1`);
@@ -365,9 +401,13 @@ function showLabelSearch() {
   const b = currentBlock();
   const q = $.labelSearch.value.trim().toLowerCase();
   const labels = (b && state.labels[b.sae]?.labels) || {};
-  const hits = q ? Object.entries(labels).filter(([, t]) => t.toLowerCase().includes(q)).slice(0, 50) : [];
-  $.labelHits.replaceChildren(...hits.map(([f]) => el("button", { "data-testid": `sae-label-hit-${f}`,
-    on: { click: () => selectFeature(Number(f), true) } }, `#${f} · ${labelText(b.sae, f)}`)));
+  const hits = q ? Object.entries(labels).filter(([, t]) => t.toLowerCase().includes(q)).slice(0, 50)
+    .map(([f]) => [f, `#${f} · ${labelText(b.sae, f)}`]) : [];
+  const key = JSON.stringify([b?.sae, q, hits]);
+  if ($.labelHits.dataset.key === key) return; // unchanged: the buttons stay (see selectBlock)
+  $.labelHits.dataset.key = key;
+  $.labelHits.replaceChildren(...hits.map(([f, text]) => el("button", { "data-testid": `sae-label-hit-${f}`,
+    on: { click: () => selectFeature(Number(f), true) } }, text)));
   if (q && !hits.length) $.labelHits.append(el("div", { class: "dim", "data-testid": "sae-label-none" }, `no label of ${b?.sae ?? "this SAE"} matches “${q}”`));
 }
 

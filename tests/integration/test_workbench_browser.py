@@ -498,6 +498,23 @@ def paint_square(b: Browser, x0=0.15, x1=0.45):
     b.page.mouse.up()
 
 
+def press_across_refresh(b: Browser, button):
+    """Press the mouse on `button`, let the panel refresh its runs (its ↻ button, clicked from the page), and
+    release it once the refresh has asked for the block's labels again and rendered."""
+    box = button.bounding_box()
+    b.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    b.page.mouse.down()
+    with b.page.expect_response(lambda r: "/sae_unbox/labels?" in r.url, timeout=60_000):
+        b.page.evaluate("() => document.querySelector('[data-testid=sae-refresh]').click()")
+    time.sleep(0.5)
+    assert button.bounding_box() == box, "the button moved under the pointer"
+    b.page.mouse.up()
+
+
+def top_height(b: Browser) -> float:
+    return b.page.evaluate("() => document.querySelector('[data-testid=sae-top]').getBoundingClientRect().height")
+
+
 def chosen(b: Browser) -> tuple:
     return (b.page.get_by_test_id("sae-block").input_value(), b.page.get_by_test_id("sae-feature-id").input_value())
 
@@ -529,8 +546,11 @@ def test_the_workbench_places_keeps_refuses_and_fetches_as_an_artist_expects(ser
         assert "mean" in ranking.first.text_content()
         ids = [int(ranking.nth(i).get_attribute("data-testid").rsplit("-", 1)[1]) for i in range(4)]
         x = ids[1]
-        b.page.get_by_test_id(f"sae-feature-{x}").click()
+        # the click is pressed while the panel refreshes the run (as when a run's later nodes report): the
+        # button under the pointer is kept, so the click is not lost
+        press_across_refresh(b, b.page.get_by_test_id(f"sae-feature-{x}"))
         b.page.wait_for_function(f"() => document.querySelector('[data-testid=sae-overlay]').dataset.feature === '{x}'")
+        tops = [top_height(b)]  # the top part's height, with messages of every length: lists do not move
 
         # -- the paper's top images of the feature (up.0.1 is a paper release without a features index)
         b.page.get_by_test_id("sae-released-image").wait_for(timeout=60_000)
@@ -543,6 +563,7 @@ def test_the_workbench_places_keeps_refuses_and_fetches_as_an_artist_expects(ser
         before, history = graph_state(b), len(requests.get(f"{server.url}/history", timeout=60).json())
         b.page.get_by_test_id("sae-apply").click()
         b.wait_for(b.page.get_by_test_id("sae-status").filter(has_text="Nothing is painted"), "empty refusal")
+        tops.append(top_height(b))
         time.sleep(1.0)
         assert graph_state(b) == before
         assert len(requests.get(f"{server.url}/history", timeout=60).json()) == history
@@ -600,25 +621,33 @@ def test_the_workbench_places_keeps_refuses_and_fetches_as_an_artist_expects(ser
         before = graph_state(b)
         b.page.get_by_test_id("sae-apply").click()
         b.wait_for(b.page.get_by_test_id("sae-status").filter(has_text="Nothing is painted"), "empty refusal")
+        tops.append(top_height(b))
         assert graph_state(b) == before and stored and stored in before
 
         # -- the paper's label set in one click, with categories beside the labels
         b.page.get_by_test_id("sae-paper-labels").click()
         b.wait_for(b.page.get_by_test_id("sae-status").filter(has_text="imported 512 labels"), "paper labels")
+        tops.append(top_height(b))
         b.wait_for(b.page.get_by_test_id(f"sae-feature-{x}").filter(has_text=f"paper label {x} [style]"), "category")
         b.page.get_by_test_id("sae-label-search").fill("no such words")
         b.page.get_by_test_id("sae-label-none").wait_for(timeout=10_000)
 
         # -- the image, the feature and Apply stay in view while the lists below are used (1600x1000)
         b.page.get_by_test_id("sae-paint-mode").click()
-        b.page.get_by_test_id("sae-label-search").fill(f"paper label {x}")
-        hit = b.page.get_by_test_id(f"sae-label-hit-{x}")
+        y = ids[2]
+        b.page.get_by_test_id("sae-label-search").fill(f"paper label {y}")
+        hit = b.page.get_by_test_id(f"sae-label-hit-{y}")
         hit.scroll_into_view_if_needed()
-        hit.click()
+        press_across_refresh(b, hit)  # the hits too are kept through a refresh that does not change them
+        b.page.wait_for_function(f"() => document.querySelector('[data-testid=sae-overlay]').dataset.feature === '{y}'")
         for testid in ("sae-image", "sae-detail", "sae-apply", "sae-feature-id"):
             box = b.page.get_by_test_id(testid).bounding_box()
             assert box and box["y"] >= 0 and box["y"] + min(box["height"], 40) <= 1000, (testid, box)
         b.shot("layout")
+        tops.append(top_height(b))
+        assert len(set(tops)) == 1, tops
+        ys = [b.page.get_by_test_id(t).bounding_box()["y"] for t in ("sae-feature-id", "sae-detail", "sae-paint-mode", "sae-apply", "sae-status")]
+        assert ys == sorted(ys), ys  # in the panel's order (none of them taken out of the flow)
         assert b.failed == [], b.failed  # no 404/400 from the pack's routes all along
         b.browser.close()
 
