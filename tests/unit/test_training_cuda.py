@@ -21,7 +21,7 @@ import torch
 from sae_models.training import TrainConfig, Trainer, train
 
 from test_training import planted
-from test_training_gpu_path import ARCHS, OPTS, PARAMS, Interrupt
+from test_training_gpu_path import ARCHS, OPTS, PARAMS, resumed_after_step_21
 
 CUDA = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -66,7 +66,8 @@ def test_cuda_reports_the_cpu_paths_reads():
     """The check above is not blind: the `cpu` path's step, run on CUDA, reads values back and raises."""
     x, _ = planted(64 * 8, seed=4)
     trainer = Trainer([x], TrainConfig(architecture="batchtopk", device=CUDA, step_path="cpu", **OPTS))
-    batch = (trainer.data.fill(64), trainer.data.take(64))[1]
+    trainer.data.fill(64)
+    batch = trainer.data.take(64)
     with SyncsRaise(), pytest.raises(RuntimeError, match="synchroniz"):
         trainer.train_step(batch)
 
@@ -89,15 +90,7 @@ def test_checkpoint_moves_between_cuda_and_the_cpu(tmp_path, first, then):
     x, _ = planted(64 * 40, seed=9)
     opts = dict(OPTS, architecture="batchtopk")
     full = train([x], device="cpu", step_path="cpu", **opts)
-
-    def stop_at_21(info):
-        if info.get("step") == 21:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train([x], device=first, checkpoint_dir=tmp_path, checkpoint_every=20, callback=stop_at_21, log_every=1,
-              **opts)
-    resumed = train([x], device=then, checkpoint_dir=tmp_path, checkpoint_every=20, **opts)
+    resumed = resumed_after_step_21(x, tmp_path, opts, dict(device=first), dict(device=then))
     assert resumed.config.hyperparameters["steps"] == 40
     for name in PARAMS:
         assert torch.allclose(getattr(resumed, name).cpu(), getattr(full, name), atol=1e-4, rtol=0), name

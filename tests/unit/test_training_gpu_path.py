@@ -14,7 +14,7 @@ from sae_models.formats import native
 from sae_models.training import TrainConfig, Trainer, train
 from sae_models.training.recipe import TrainingLoss
 
-from test_training import _reference_loss, _setup_step, planted
+from test_training import Interrupt, _reference_loss, _setup_step, planted
 
 ARCHS = ["topk", "batchtopk", "matryoshka_batchtopk"]
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -157,8 +157,17 @@ def test_cpu_path_reads_values_back_as_before():
 # checkpoints across the paths
 # ---------------------------------------------------------------------------------------------------
 
-class Interrupt(Exception):
-    pass
+def resumed_after_step_21(x, ckpt_dir, opts: dict, first: dict, then: dict):
+    """Train on `x` with `opts | first`, checkpointed at step 20 and interrupted at step 21; then the SAE of
+    the run resumed from that checkpoint with `opts | then`."""
+
+    def stop_at_21(info):
+        if info.get("step") == 21:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train([x], checkpoint_dir=ckpt_dir, checkpoint_every=20, callback=stop_at_21, log_every=1, **opts, **first)
+    return train([x], checkpoint_dir=ckpt_dir, checkpoint_every=20, **opts, **then)
 
 
 @pytest.mark.parametrize("first, then", [("gpu", "cpu"), ("cpu", "gpu")])
@@ -167,15 +176,7 @@ def test_checkpoint_resumes_on_the_other_path(tmp_path, arch, first, then):
     x, _ = planted(64 * 40, seed=9)
     opts = dict(OPTS, architecture=arch)
     full = train([x], step_path=first, **opts)
-
-    def stop_at_21(info):
-        if info.get("step") == 21:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train([x], step_path=first, checkpoint_dir=tmp_path, checkpoint_every=20, callback=stop_at_21,
-              log_every=1, **opts)
-    resumed = train([x], step_path=then, checkpoint_dir=tmp_path, checkpoint_every=20, **opts)
+    resumed = resumed_after_step_21(x, tmp_path, opts, dict(step_path=first), dict(step_path=then))
     assert resumed.config.hyperparameters["steps"] == 40
     for name in PARAMS:
         assert torch.allclose(getattr(resumed, name), getattr(full, name), atol=1e-6, rtol=0), name
