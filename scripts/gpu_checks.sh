@@ -6,7 +6,7 @@
 #   scripts/gpu_checks.sh run [PART...] there: PARTs of tests, training, sampling (default: all three)
 #
 # `run` writes one log per part into $OUT (or out/gpu_checks) and exits non-zero if any part failed:
-#   tests     tests/unit/test_training_cuda.py and test_training_gpu_path.py (CUDA's sync check, CUDA vs CPU)
+#   tests     tests/unit/test_training_cuda.py (PyTorch's CUDA sync check; CUDA against the CPU)
 #   training  benches/bench_training.py --device cuda against sparsify, paper size, fp32 then tf32
 #   sampling  benches/bench_gpu.py: SDXL and FLUX.1 with random weights, plain vs patched, with syncs counted
 # Each part has its own time limit (seconds: TESTS_S, TRAINING_S, SAMPLING_S); TOKENS sets the training
@@ -16,10 +16,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-# Versions tested with this pack (ComfyUI's set as in its requirements; sparsify as benches/bench_training.py).
-WHEELS=(torchsde==0.2.6 trampoline==0.1.2 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3
-        python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5
-        eai-sparsify==1.3.3 simple-parsing==0.1.8 docstring-parser==0.17.0 natsort==8.4.0)
+# Versions tested with this pack: ComfyUI's dependencies that a bare CUDA image lacks, and what
+# benches/bench_training.py needs of sparsify.
+COMFYUI_WHEELS=(torchsde==0.2.6 trampoline==0.1.2 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3
+                python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5)
+SPARSIFY_WHEELS=(eai-sparsify==1.3.3 simple-parsing==0.1.8 docstring-parser==0.17.0 natsort==8.4.0)
 
 exclude() {  # keep a prepared folder out of git without touching .gitignore
   mkdir -p .git/info
@@ -31,7 +32,7 @@ prepare() {
   exclude .whl
   mkdir -p .whl
   local p
-  for p in "${WHEELS[@]}"; do
+  for p in "${COMFYUI_WHEELS[@]}" "${SPARSIFY_WHEELS[@]}"; do
     "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform any -d .whl "$p" || { echo "prepare: cannot download $p" >&2; return 1; }
@@ -40,16 +41,23 @@ prepare() {
   comfy=$("$py" tests/support/comfyui_locate.py) || { echo "prepare: no ComfyUI checkout: $comfy" >&2; return 1; }
   exclude ComfyUI
   rm -rf ComfyUI && mkdir ComfyUI
-  (cd "$comfy" && git ls-files -z 2>/dev/null | xargs -0 -I{} cp --parents -- {} "$ROOT/ComfyUI/" 2>/dev/null) \
-    || cp -r "$comfy"/. ComfyUI/
-  rm -rf ComfyUI/.git
+  if git -C "$comfy" rev-parse --git-dir >/dev/null 2>&1; then
+    # the tracked files (a sparse checkout's absent ones skipped), not .git or what runs left there
+    git -C "$comfy" ls-files -z | tar -C "$comfy" --null -T - --ignore-failed-read -cf - 2>/dev/null \
+      | tar -C ComfyUI -xf -
+  else
+    tar -C "$comfy" --exclude=.git --exclude=__pycache__ -cf - . | tar -C ComfyUI -xf -
+  fi
   du -sh .whl ComfyUI
   echo "carry: .whl ComfyUI"
 }
 
 setup_there() {  # the carried wheels, and a stand-in for PyAV (ComfyUI imports it for its video types only)
-  local wheels=(.whl/*.whl)
-  [ -z "${SMOKE:-}" ] || wheels=(.whl/{eai_sparsify,simple_parsing,docstring_parser,natsort}-*.whl)
+  local wheels=(.whl/*.whl) p n
+  if [ -n "${SMOKE:-}" ]; then  # this machine's Python has ComfyUI's; a wheel's file name has _ for -
+    wheels=()
+    for p in "${SPARSIFY_WHEELS[@]}"; do n=${p%%==*}; wheels+=(.whl/"${n//-/_}"-*.whl); done
+  fi
   if [ -e "${wheels[0]}" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "${wheels[@]}" || return 1
@@ -96,8 +104,7 @@ print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name
   [ ${#parts[@]} -gt 0 ] || parts=(tests training sampling)
   for p in "${parts[@]}"; do
     case $p in
-      tests) part tests "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider \
-               tests/unit/test_training_cuda.py tests/unit/test_training_gpu_path.py ;;
+      tests) part tests "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/unit/test_training_cuda.py ;;
       training)
         part training-fp32 "${TRAINING_S:-240}" python3 benches/bench_training.py --device "$device" \
           --tokens "$tokens" --rounds 2 "${training[@]}"
