@@ -335,17 +335,18 @@ class Interrupt(Exception):
     pass
 
 
+def stop_at_21(info):
+    """Training callback: interrupts after the step-20 checkpoint, in the middle of step 21's bookkeeping."""
+    if info.get("step") == 21:
+        raise Interrupt
+
+
 @pytest.mark.parametrize("stateful", [True, False])
 def test_resume_matches_uninterrupted(tmp_path, stateful):
     x, _ = planted(64 * 40, seed=9)
     opts = dict(n_features=96, k=4, auxk=16, dead_toks_threshold=64 * 4, batch_size=64, lr=3e-3,
                 geometric_median_samples=256, seed=1, mse_scale_batches=2)
     full = train(Resumable(x), **opts)
-
-    def stop_at_21(info):  # after the step-20 checkpoint, in the middle of step 21's bookkeeping
-        if info.get("step") == 21:
-            raise Interrupt
-
     src = Resumable(x) if stateful else list(x.split(100))
     with pytest.raises(Interrupt):
         train(src, checkpoint_dir=tmp_path, checkpoint_every=20, callback=stop_at_21, log_every=1, **opts)

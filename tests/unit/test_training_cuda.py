@@ -66,8 +66,7 @@ def test_cuda_reports_the_cpu_paths_reads():
     """The check above is not blind: the `cpu` path's step, run on CUDA, reads values back and raises."""
     x, _ = planted(64 * 8, seed=4)
     trainer = Trainer([x], TrainConfig(architecture="batchtopk", device=CUDA, step_path="cpu", **OPTS))
-    trainer.data.fill(64)
-    batch = trainer.data.take(64)
+    batch = trainer.data.peek(64)  # on the device, as the CPU twin's check takes it
     with SyncsRaise(), pytest.raises(RuntimeError, match="synchroniz"):
         trainer.train_step(batch)
 

@@ -14,7 +14,7 @@ from sae_models.formats import native
 from sae_models.training import TrainConfig, Trainer, train
 from sae_models.training.recipe import TrainingLoss
 
-from test_training import Interrupt, _reference_loss, _setup_step, planted
+from test_training import Interrupt, _reference_loss, _setup_step, planted, stop_at_21
 
 ARCHS = ["topk", "batchtopk", "matryoshka_batchtopk"]
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -160,11 +160,6 @@ def test_cpu_path_reads_values_back_as_before():
 def resumed_after_step_21(x, ckpt_dir, opts: dict, first: dict, then: dict):
     """Train on `x` with `opts | first`, checkpointed at step 20 and interrupted at step 21; then the SAE of
     the run resumed from that checkpoint with `opts | then`."""
-
-    def stop_at_21(info):
-        if info.get("step") == 21:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
         train([x], checkpoint_dir=ckpt_dir, checkpoint_every=20, callback=stop_at_21, log_every=1, **opts, **first)
     return train([x], checkpoint_dir=ckpt_dir, checkpoint_every=20, **opts, **then)
